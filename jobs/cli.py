@@ -1,0 +1,228 @@
+"""``microemo``: one command line for the whole system.
+
+Every command takes ``--help``. Commands that run with a configuration also take
+``--config FILE.yaml`` and trailing ``key=value`` overrides, print the resolved
+configuration when they start and save it beside their outputs.
+
+Exit codes: 0 success; 1 failure; 2 bad usage or bad input (one line naming the
+offending file, row or field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from jobs.config import ConfigError, dump_config, load_config, save_config
+
+EXAMPLES = """\
+commands, in the order a corpus flows through them:
+  synth       render a synthetic talking-face corpus with ground truth
+  import      turn a public corpus's annotations into a manifest
+  preprocess  videos -> Parquet feature store (Ray)
+  train       stage 1 (alignment) or stage 2 (LoRA instruction tuning), DeepSpeed
+  evaluate    score a trained model on a split of a feature store
+  infer       explain the emotions in one video (JSON to stdout)
+  retrain     the scheduled fine-tune / evaluate / promote step
+  demo        all of the above, small, on the embedded models
+
+examples:
+  microemo synth --out corpus --videos 200 --seed 0
+  microemo synth --out corpus --config synth.yaml width=480 height=360
+  microemo demo --out demo_out
+
+exit codes: 0 success, 1 failure, 2 bad usage or bad input
+"""
+
+
+class UsageError(ValueError):
+    """Bad usage or input: reported in one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML file with settings (see the resolved config printed at start)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override one setting, dotted for nested ones (e.g. width=480, split_ratios=[0.8,0.1,0.1])")
+
+
+def _resolve(cls, args: argparse.Namespace, flags: dict):
+    """Config file, then key=value overrides, then explicit flags (flags win)."""
+    overrides = list(args.overrides or [])
+    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(cls, args.config, overrides)
+    print(f"# microemo {args.command}: resolved config\n{dump_config(cfg)}", file=sys.stderr, end="")
+    return cfg
+
+
+def _not_implemented(issue: int):
+    def run(args: argparse.Namespace) -> int:
+        print(f"microemo {args.command}: not implemented yet (tracked in issue #{issue}); nothing was done",
+              file=sys.stderr)
+        return 2
+
+    return run
+
+
+# ---------------------------------------------------------------------------- commands
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pipeline.synth.corpus import SynthConfig, generate_corpus
+    from pipeline.synth.preview import format_summary
+
+    cfg = _resolve(SynthConfig, args, {"out": args.out, "videos": args.videos, "seed": args.seed,
+                                       "workers": args.workers})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    summary = generate_corpus(cfg, progress=not args.quiet)
+    print(format_summary(summary))
+    print(f"\nwrote {out / 'manifest.jsonl'} ({summary['generated']} clips rendered, {summary['reused']} reused) "
+          f"in {summary['seconds']:.1f} s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.synth.corpus import SynthConfig, generate_corpus
+    from pipeline.synth.preview import contact_sheet, format_summary
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"[1/1] synth: {args.videos} talking-face clips -> {out / 'corpus'}", file=sys.stderr)
+    cfg = SynthConfig(out=str(out / "corpus"), videos=args.videos, seed=args.seed)
+    save_config(cfg, out / "corpus" / "config.yaml")
+    summary = generate_corpus(cfg, progress=True)
+    sheet = contact_sheet(out / "corpus", out / "corpus_preview.png")
+    print("\n== synthetic corpus ==")
+    print(format_summary(summary))
+    if sheet:
+        print(f"\nmicro-expression preview: {sheet}")
+    print(f"manifest: {out / 'corpus' / 'manifest.jsonl'}   ground truth: {out / 'corpus' / 'truth.jsonl'}")
+    print("\nnot yet in the demo (open issues): preprocess (#3), train (#5), evaluate/infer (#6)")
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microemo",
+        description="MicroEmo: explainable, time-sensitive multimodal emotion recognition in video dialogues.",
+        epilog=EXAMPLES, formatter_class=_formatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "synth", help="render a synthetic talking-face corpus with ground truth", formatter_class=_formatter,
+        description="Render talking-face mp4 clips (H.264 + AAC, 25 fps, 3-10 s, 1-4 utterances) from face "
+                    "photos shipped in installed packages, with espeak-ng speech, planted facial "
+                    "micro-expressions (0.1-0.4 s) and exact ground truth. Deterministic per seed; "
+                    "rerunning into the same --out reuses finished clips.",
+        epilog="writes OUT/manifest.jsonl (for `microemo preprocess`), OUT/truth.jsonl (everything the\n"
+               "generator planted: emotion, channels, utterance times, micro-event times and boxes),\n"
+               "OUT/corpus.json (counts), OUT/config.yaml and OUT/videos/*.mp4|.srt\n\n"
+               "examples:\n  microemo synth --out corpus --videos 200 --seed 0\n"
+               "  microemo synth --out corpus --videos 50 mode_weights='{all: 1}' blinks_per_minute=0")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--videos", type=int, metavar="N", help="number of clips (default 20)")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed (default 0)")
+    p.add_argument("--workers", type=int, metavar="W", help="worker processes (default: one per core)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("preprocess", help="videos -> Parquet feature store on Ray", formatter_class=_formatter,
+                       description="Decode, detect faces and write frame, face, dynamics, audio and utterance "
+                                   "features to a Parquet feature store (local or s3://).")
+    p.add_argument("--manifest", required=True, metavar="M", help="JSONL/CSV/Parquet manifest, local or s3://")
+    p.add_argument("--out", required=True, metavar="DEST", help="feature store directory or s3:// prefix")
+    p.add_argument("--address", metavar="RAY", help="existing Ray cluster (default: start one in-process)")
+    _add_config_args(p)
+    p.set_defaults(func=_not_implemented(3))
+
+    p = sub.add_parser("train", help="two-stage training (DeepSpeed ZeRO)", formatter_class=_formatter,
+                       description="Stage 1 aligns the visual/audio Q-Formers to a frozen LLM; stage 2 "
+                                   "instruction-tunes with LoRA, starting from stage 1 (--init).")
+    p.add_argument("--stage", required=True, type=int, choices=(1, 2), help="1 = alignment, 2 = instruction tuning")
+    p.add_argument("--features", required=True, metavar="DEST", help="feature store written by preprocess")
+    p.add_argument("--out", required=True, metavar="RUN", help="run directory (checkpoints, metrics, export)")
+    p.add_argument("--init", metavar="RUN1", help="stage-1 run to start stage 2 from")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _add_config_args(p)
+    p.set_defaults(func=_not_implemented(5))
+
+    p = sub.add_parser("evaluate", help="score a model on a feature-store split", formatter_class=_formatter,
+                       description="EMER metrics (open-vocabulary label overlap, explanation similarity, "
+                                   "per-utterance accuracy) with plots, written to REPORT_DIR.")
+    p.add_argument("--model", required=True, metavar="RUN")
+    p.add_argument("--features", required=True, metavar="DEST")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    _add_config_args(p)
+    p.set_defaults(func=_not_implemented(6))
+
+    p = sub.add_parser("infer", help="explain the emotions in one video (JSON to stdout)", formatter_class=_formatter,
+                       description="Runs the whole chain on one video on this machine; no cluster needed.")
+    p.add_argument("video", metavar="VIDEO")
+    p.add_argument("--model", required=True, metavar="RUN")
+    _add_config_args(p)
+    p.set_defaults(func=_not_implemented(6))
+
+    p = sub.add_parser("retrain", help="scheduled fine-tune, evaluate and promote", formatter_class=_formatter,
+                       description="Finds feature partitions newer than the promoted model, fine-tunes from it, "
+                                   "evaluates on a fixed held-out set and promotes only if not worse.")
+    p.add_argument("--config", required=True, metavar="F")
+    p.set_defaults(func=_not_implemented(7), overrides=[])
+
+    p = sub.add_parser("import", help="public corpus annotations -> manifest", formatter_class=_formatter,
+                       description="Convert MELD / EMER / MER annotations into a MicroEmo manifest.")
+    p.add_argument("format", metavar="FORMAT")
+    p.add_argument("--annotations", required=True, metavar="FILE")
+    p.add_argument("--videos", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="MANIFEST")
+    p.set_defaults(func=_not_implemented(9))
+
+    p = sub.add_parser("demo", help="the whole flow, small, with embedded models", formatter_class=_formatter,
+                       description="Runs every stage that exists on a small synthetic corpus and shows the "
+                                   "results. Needs no downloads.")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--videos", type=int, default=12, metavar="N", help="clips in the demo corpus (default 12)")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"microemo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"microemo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a one-line reason; the traceback with -v
+        if args.verbose:
+            raise
+        print(f"microemo {args.command}: failed: {type(exc).__name__}: {exc} (rerun with -v for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

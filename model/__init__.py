@@ -1,0 +1,1 @@
+"""MicroEmo model package."""

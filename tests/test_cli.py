@@ -1,0 +1,64 @@
+import pytest
+
+from jobs.cli import build_parser, main
+
+COMMANDS = ["synth", "preprocess", "train", "evaluate", "infer", "retrain", "import", "demo"]
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert cmd in out
+    assert "exit codes" in out
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_explains_itself(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([cmd, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: microemo {cmd}")
+    # a description beyond the usage line
+    assert len(out.splitlines()) > 4
+
+
+def test_no_command_prints_help_and_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "usage: microemo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, issue", [
+    (["preprocess", "--manifest", "m.jsonl", "--out", "fs"], 3),
+    (["train", "--stage", "1", "--features", "fs", "--out", "run"], 5),
+    (["evaluate", "--model", "run", "--features", "fs", "--out", "rep"], 6),
+    (["infer", "v.mp4", "--model", "run"], 6),
+    (["retrain", "--config", "r.yaml"], 7),
+    (["import", "meld", "--annotations", "a.csv", "--videos", "v", "--out", "m.jsonl"], 9),
+])
+def test_unimplemented_commands_say_so_and_exit_2(argv, issue, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    assert f"not implemented yet (tracked in issue #{issue})" in err.err
+    assert err.out == ""
+    assert list(tmp_path.iterdir()) == []  # no fake output
+
+
+def test_bad_config_override_is_one_line_exit_2(capsys, tmp_path):
+    assert main(["synth", "--out", str(tmp_path / "c"), "widht=480"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config key widht" in err[0]
+
+
+def test_bad_value_is_exit_2(capsys, tmp_path):
+    assert main(["synth", "--out", str(tmp_path / "c"), "--videos", "0"]) == 2
+    assert "videos must be at least 1" in capsys.readouterr().err
+
+
+def test_parser_is_built_once_per_call():
+    # two builds must not share state (argparse defaults are per parser)
+    assert build_parser() is not build_parser()
