@@ -38,3 +38,34 @@ def corpus(tmp_path_factory, tools):
     cfg = SynthConfig(out=str(out), videos=6, seed=11, workers=2)
     summary = generate_corpus(cfg, progress=False)
     return out, cfg, summary
+
+
+@pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory, corpus):
+    """Broken and unusual inputs made from a good clip: name -> path (what each is, in its name)."""
+    import subprocess
+
+    out, _, _ = corpus
+    good = out / "videos" / "syn000000.mp4"
+    d = tmp_path_factory.mktemp("bad")
+    paths = {}
+    paths["zero_byte"] = d / "zero_byte.mp4"
+    paths["zero_byte"].write_bytes(b"")
+    paths["text_as_mp4"] = d / "text_as_mp4.mp4"
+    paths["text_as_mp4"].write_text("this is not a video\n")
+    data = good.read_bytes()
+    paths["truncated"] = d / "truncated.mp4"
+    paths["truncated"].write_bytes(data[: len(data) // 2])
+    paths["playlist_as_mp4"] = d / "playlist_as_mp4.mp4"  # would make ffmpeg fetch a URL / read files
+    paths["playlist_as_mp4"].write_text("#EXTM3U\n#EXTINF:1,\nhttp://127.0.0.1:9/x.ts\n#EXTINF:1,\n/etc/hostname\n")
+    paths["no_audio"] = d / "no_audio.mp4"
+    paths["audio_only"] = d / "audio_only.m4a"
+    paths["no_face"] = d / "no_face.mp4"
+    paths["missing"] = d / "missing.mp4"
+    run = lambda *a: subprocess.run(["ffmpeg", "-v", "error", "-y", *a], check=True)  # noqa: E731
+    run("-i", str(good), "-an", "-c:v", "copy", str(paths["no_audio"]))
+    run("-i", str(good), "-vn", "-c:a", "copy", str(paths["audio_only"]))
+    run("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=3", "-f", "lavfi",
+        "-i", "sine=frequency=300:duration=3", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac",
+        "-shortest", str(paths["no_face"]))
+    return paths
