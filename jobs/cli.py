@@ -11,6 +11,7 @@ offending file, row or field).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -56,9 +57,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _resolve(cls, args: argparse.Namespace, flags: dict):
     """Config file, then key=value overrides, then explicit flags (flags win)."""
-    overrides = list(args.overrides or [])
-    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, list(args.overrides or []))
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given:  # typed already by argparse; replace() re-runs the dataclass's validation
+        try:
+            cfg = dataclasses.replace(cfg, **given)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
     print(f"# microemo {args.command}: resolved config\n{dump_config(cfg)}", file=sys.stderr, end="")
     return cfg
 
@@ -87,6 +92,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"\nwrote {out / 'manifest.jsonl'} ({summary['generated']} clips rendered, {summary['reused']} reused) "
           f"in {summary['seconds']:.1f} s")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipeline.manifest import ManifestError
+    from pipeline.run import PreprocessConfig, format_summary, preprocess
+
+    cfg = _resolve(PreprocessConfig, args, {"manifest": args.manifest, "out": args.out, "address": args.address,
+                                            "workers": args.workers, "overwrite": args.overwrite})
+    try:
+        summary = preprocess(cfg, progress=not args.quiet)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from exc
+    print(format_summary(summary))
+    if summary["error_rate_exceeded"]:
+        print(f"microemo preprocess: {summary['failed']} of {summary['processed']} videos failed, over "
+              f"max_error_rate={cfg.max_error_rate}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -139,14 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("preprocess", help="videos -> Parquet feature store on Ray", formatter_class=_formatter,
-                       description="Decode, detect faces and write frame, face, dynamics, audio and utterance "
-                                   "features to a Parquet feature store (local or s3://).")
+    p = sub.add_parser(
+        "preprocess", help="videos -> Parquet feature store on Ray", formatter_class=_formatter,
+        description="Decode every video of a manifest, find and track the main speaker's face, and write "
+                    "frame, face, facial-dynamics, audio and utterance features to a Parquet feature store "
+                    "(local or s3://). Streaming and resumable: rerunning skips committed videos, adds new "
+                    "ones and redoes changed ones. A bad video never stops the run; it gets a row in "
+                    "videos/ saying why.",
+        epilog="tables: videos/ frames/ utterances/ audio/ labels/ and _lineage.json (docs/feature_store.md)\n"
+               "exit code 1 when more than max_error_rate of the processed videos failed\n\n"
+               "examples:\n  microemo preprocess --manifest corpus/manifest.jsonl --out features\n"
+               "  microemo preprocess --manifest s3://corpus/manifest.jsonl --out s3://features/v3 --address auto \\\n"
+               "      process.decode.sample_fps=4 process.faces.backend=insightface process.faces.model_dir=/models\n"
+               "  microemo preprocess --manifest m.jsonl --out fs 'storage_options={client_kwargs: "
+               "{endpoint_url: http://127.0.0.1:9000}}'")
     p.add_argument("--manifest", required=True, metavar="M", help="JSONL/CSV/Parquet manifest, local or s3://")
     p.add_argument("--out", required=True, metavar="DEST", help="feature store directory or s3:// prefix")
-    p.add_argument("--address", metavar="RAY", help="existing Ray cluster (default: start one in-process)")
+    p.add_argument("--address", metavar="RAY", help="existing Ray cluster, e.g. auto or ray://head:10001 "
+                   "(default: start a local Ray in-process)")
+    p.add_argument("--workers", type=int, metavar="N", help="Ray actors (default: one per CPU)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="delete the store's tables first")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_config_args(p)
-    p.set_defaults(func=_not_implemented(3))
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("train", help="two-stage training (DeepSpeed ZeRO)", formatter_class=_formatter,
                        description="Stage 1 aligns the visual/audio Q-Formers to a frozen LLM; stage 2 "

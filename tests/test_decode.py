@@ -32,7 +32,7 @@ def test_samples_sit_on_exact_frame_times_with_full_rate_windows(clip):
     cfg = DecodeConfig(sample_fps=2.0, window_s=0.4)
     samples = list(iter_samples(probe(path), cfg))
     n_frames = truth["n_frames"]
-    assert len(samples) == math.floor((n_frames - 1) / 12.5 + 0.5) + 1
+    assert len(samples) == math.ceil((n_frames - 0.5) / 12.5)  # k with round(12.5 k) <= N - 1
     cap = cv2.VideoCapture(str(path))
     frames = []
     while True:

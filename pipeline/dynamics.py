@@ -1,0 +1,104 @@
+"""Facial dynamics around a sampled frame: what moved in the face, where, and when.
+
+Micro-expressions last 1/25 s to 1/2 s, shorter than the sampling interval, so each sampled
+frame carries the full-rate frames within ``window_s`` around it (see ``pipeline.decode``).
+Every frame of that window is warped with the *sampled* frame's alignment (a window is short
+enough that the head barely moves), and we measure per facial region:
+
+- motion energy: mean absolute grey-level change between consecutive aligned frames;
+- landmark motion: mean landmark speed, in crop widths per frame step;
+
+both resampled to ``STEPS`` time steps across the window, plus each region's peak energy and
+the time of that peak relative to the sampled frame. The result is one fixed-size vector
+(``DIM`` values) per frame; ``motion_energy`` is the face's peak energy, a scalar for quick
+queries. Feature differences between consecutive sampled frames are added by the processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pipeline.faces import REGIONS, transform_points
+
+STEPS = 10
+ENERGY_REGIONS = ("eyes", "brows", "mouth", "face")
+LANDMARK_REGIONS = ("eyes", "brows", "mouth", "jaw")
+DIM = len(ENERGY_REGIONS) * STEPS + len(LANDMARK_REGIONS) * STEPS + 2 * len(ENERGY_REGIONS)
+CROP = 96  # pixels; dynamics need shape change, not identity detail
+
+
+@dataclass
+class Dynamics:
+    vector: np.ndarray  # (DIM,) float32
+    motion_energy: float  # peak whole-face energy, grey levels per frame step
+    peak_offset_s: float  # when that peak happens, relative to the sampled frame
+
+
+def _resample(series: np.ndarray, steps: int = STEPS) -> np.ndarray:
+    """(R, K) -> (R, steps) by linear interpolation over the window's normalised time."""
+    r, k = series.shape
+    if k == 0:
+        return np.zeros((r, steps), np.float32)
+    if k == 1:
+        return np.repeat(series, steps, axis=1)
+    x = np.linspace(0, 1, k)
+    xs = np.linspace(0, 1, steps)
+    return np.stack([np.interp(xs, x, row) for row in series]).astype(np.float32)
+
+
+def _region_boxes(landmarks_crop: np.ndarray, size: int) -> dict[str, tuple[int, int, int, int]]:
+    boxes = {}
+    pad = 0.06 * size
+    for name in ("eyes", "brows", "mouth"):
+        pts = landmarks_crop[REGIONS[name]]
+        x0, y0 = np.floor(pts.min(0) - pad).astype(int)
+        x1, y1 = np.ceil(pts.max(0) + pad).astype(int)
+        boxes[name] = (max(0, x0), max(0, y0), min(size, x1), min(size, y1))
+    boxes["face"] = (0, 0, size, size)
+    return boxes
+
+
+def face_dynamics(window: np.ndarray, window_pts_s: np.ndarray, centre_pts_s: float, matrix: np.ndarray,
+                  landmarks: np.ndarray, window_landmarks: np.ndarray | None = None,
+                  crop_size: int = 150) -> Dynamics:
+    """Dynamics of the face over a full-rate window.
+
+    window: (K, H, W, 3) uint8 frames; window_pts_s: (K,) seconds; centre_pts_s: the sampled
+    frame's time; matrix: 2x3 alignment (frame -> ``crop_size`` crop) of the sampled frame;
+    landmarks: (68, 2) of the sampled frame in frame pixels; window_landmarks: (K, 68, 2) or
+    None (then landmark motion is zero).
+    """
+    scale = CROP / crop_size
+    m = matrix.copy()
+    m[:, :] *= scale
+    grey = np.stack([cv2.warpAffine(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), m, (CROP, CROP),
+                                    flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+                     for f in window]).astype(np.float32)
+    diffs = np.abs(np.diff(grey, axis=0))  # (K-1, CROP, CROP)
+    boxes = _region_boxes(transform_points(landmarks, m), CROP)
+    energy = np.stack([
+        diffs[:, y0:y1, x0:x1].mean(axis=(1, 2)) if diffs.size and x1 > x0 and y1 > y0
+        else np.zeros(len(diffs), np.float32)
+        for x0, y0, x1, y1 in (boxes[r] for r in ENERGY_REGIONS)
+    ]) if len(diffs) else np.zeros((len(ENERGY_REGIONS), 0), np.float32)
+    if window_landmarks is not None and len(window_landmarks) > 1:
+        crop_lm = np.stack([transform_points(lm, m) for lm in window_landmarks]) / CROP
+        speed = np.linalg.norm(np.diff(crop_lm, axis=0), axis=2)  # (K-1, 68)
+        motion = np.stack([speed[:, REGIONS[r]].mean(axis=1) for r in LANDMARK_REGIONS])
+    else:
+        motion = np.zeros((len(LANDMARK_REGIONS), max(0, len(window) - 1)), np.float32)
+    # each diff sits between two frames: its time is their midpoint
+    mid_t = (window_pts_s[1:] + window_pts_s[:-1]) / 2 - centre_pts_s if len(window) > 1 else np.zeros(0)
+    if energy.shape[1]:
+        peak_idx = energy.argmax(axis=1)
+        peaks = energy.max(axis=1)
+        peak_t = mid_t[peak_idx]
+    else:
+        peaks = np.zeros(len(ENERGY_REGIONS), np.float32)
+        peak_t = np.zeros(len(ENERGY_REGIONS), np.float32)
+    vector = np.concatenate([_resample(energy).ravel(), _resample(motion * 100).ravel(), peaks, peak_t])
+    face_i = ENERGY_REGIONS.index("face")
+    return Dynamics(vector.astype(np.float32), float(peaks[face_i]), float(peak_t[face_i]))

@@ -1,0 +1,215 @@
+"""The preprocessing pipeline end to end on real engines: Ray (local, and two nodes on this
+host), ffmpeg, dlib, the embedded encoders, Parquet on local disk and on S3 (a moto server on
+127.0.0.1), a SIGKILLed run resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.run import PreprocessConfig, preprocess
+from pipeline.store import FeatureStore
+
+pytestmark = pytest.mark.integration
+
+BAD_EXPECT = {
+    "zero_byte": ("error", "empty_file"), "text_as_mp4": ("error", "corrupt"),
+    "truncated": ("error", "truncated"), "playlist_as_mp4": ("error", "corrupt"),
+    "audio_only": ("error", "no_video_stream"), "missing": ("error", "missing_file"),
+    "no_audio": ("no_audio", "no_audio"), "no_face": ("no_face", "no_face"),
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(corpus, bad_inputs, tmp_path_factory):
+    """The synth corpus plus every kind of bad input and bad manifest row."""
+    out, _, _ = corpus
+    d = tmp_path_factory.mktemp("mixed")
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for r in rows:  # absolute paths so the manifest can live elsewhere
+        r["uri"] = str(out / r["uri"])
+        if "srt" in r:
+            r["srt"] = str(out / r["srt"])
+    for name, path in bad_inputs.items():
+        rows.append({"video_id": f"bad_{name}", "uri": str(path)})
+    rows.append({"video_id": "../../etc/x", "uri": str(bad_inputs["no_face"])})
+    rows.append({"video_id": rows[0]["video_id"], "uri": str(bad_inputs["no_face"])})  # duplicate id
+    manifest = d / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest, rows
+
+
+def table(store_dir, name):
+    return pq.read_table(str(Path(store_dir) / name)).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def local_run(mixed_manifest, ray_local, tmp_path_factory):
+    manifest, rows = mixed_manifest
+    root = tmp_path_factory.mktemp("run")
+    out = root / "fs"
+    before = sorted(p for p in Path(manifest).parent.rglob("*"))
+    cfg = PreprocessConfig(manifest=str(manifest), out=str(out), videos_per_shard=4, max_error_rate=1.0)
+    summary = preprocess(cfg, progress=False)
+    assert sorted(p for p in Path(manifest).parent.rglob("*")) == before
+    assert sorted(p.name for p in root.iterdir()) == ["fs"]  # nothing beside the store
+    return out, summary, rows
+
+
+def test_every_input_has_a_row_and_bad_ones_say_why(local_run, corpus):
+    out, summary, rows = local_run
+    videos = table(out, "videos").set_index("video_id")
+    assert len(videos) == len(rows) and summary["processed"] == len(rows)
+    for name, (status, error_type) in BAD_EXPECT.items():
+        v = videos.loc[f"bad_{name}"]
+        assert (v.status, v.error_type) == (status, error_type), name
+        assert v.error
+    n = len(rows)  # the last two manifest lines: ../../etc/x, then a repeated id
+    assert videos.loc[f"_line{n - 1}"].error_type == "bad_id"
+    assert videos.loc[f"_line{n}"].error_type == "duplicate_id"
+    assert summary["errors"]["corrupt"] == 2 and summary["failed"] == 8
+    assert not Path("/etc/x").exists()
+
+
+def test_good_videos_are_complete(local_run, corpus):
+    out, _, _ = local_run
+    corpus_dir, cfg, _ = corpus
+    truth = {t["video_id"]: t for t in map(json.loads, (corpus_dir / "truth.jsonl").read_text().splitlines())}
+    videos = table(out, "videos").set_index("video_id")
+    frames, utts, audio, labels = (table(out, n) for n in ("frames", "utterances", "audio", "labels"))
+    for vid, t in truth.items():
+        v = videos.loc[vid]
+        assert v.status == "ok" and v.n_faces >= 0.8 * v.n_frames
+        f = frames[frames.video_id == vid].sort_values("frame_index")
+        assert len(f) == v.n_frames == int(np.ceil((t["n_frames"] - 0.5) / 12.5))
+        assert np.allclose(np.diff(f.pts_s), 0.5, atol=0.041)
+        assert all(len(x) == 5 * 1280 for x in f.global_feat)
+        found = f[f.face_found]
+        assert all(len(x) == 128 for x in found.face_feat) and all(len(x) == 88 for x in found.dynamics)
+        u = utts[utts.video_id == vid].sort_values("utt_index")
+        if t["utterance_source"] != "none":
+            assert np.allclose(u.start_s, [x["start_s"] for x in t["utterances"]])
+            assert set(u.source) == {"manifest" if t["utterance_source"] == "inline" else "srt"}
+        else:
+            assert set(u.source) <= {"asr"} and len(u) >= 1
+        a = audio[audio.video_id == vid]
+        assert len(a) == int(np.ceil(v.duration_s - 1e-6)) or abs(len(a) - v.duration_s) <= 1
+        lab = labels[labels.video_id == vid].iloc[0]
+        assert list(lab.labels) == t["labels"]
+
+
+def test_store_reads_with_pyarrow_pandas_and_duckdb(local_run):
+    import duckdb
+    import pandas as pd
+
+    out, _, _ = local_run
+    n = pq.read_table(str(out / "frames")).num_rows
+    assert len(pd.read_parquet(out / "frames")) == n
+    got = duckdb.sql(f"select count(*), count(distinct video_id) from '{out}/frames/*.parquet'").fetchall()[0]
+    assert got[0] == n
+    feat = duckdb.sql(f"select global_feat from '{out}/frames/*.parquet' limit 1").fetchall()[0][0]
+    assert len(feat) == 6400
+    schema = pq.read_schema(next((out / "frames").glob("*.parquet")))
+    assert schema.field("global_feat").metadata[b"encoder"].startswith(b"mobilenet_v2")
+    lineage = json.loads((out / "_lineage.json").read_text())
+    assert lineage["encoders"]["face"]["id"] == "dlib-resnet-128" and lineage["encoders"]["frame"]["weight_hash"]
+    # row groups are clustered by video
+    pf = pq.ParquetFile(next((out / "frames").glob("*.parquet")))
+    for i in range(pf.num_row_groups):
+        assert len(set(pf.read_row_group(i, columns=["video_id"]).column(0).to_pylist())) == 1
+
+
+def test_rerun_skips_and_changed_videos_are_redone_without_duplicates(local_run, mixed_manifest, tmp_path):
+    out, _, rows = local_run
+    manifest, _ = mixed_manifest
+    copy = tmp_path / "fs"
+    shutil.copytree(out, copy)
+    cfg = PreprocessConfig(manifest=str(manifest), out=str(copy), videos_per_shard=4, max_error_rate=1.0)
+    again = preprocess(cfg, progress=False)
+    assert again["processed"] == 0 and again["skipped"] == len(rows)
+    # a changed input (new mtime) is processed again; its old rows go away
+    target = Path(rows[0]["uri"])
+    os.utime(target, ns=(time.time_ns(), time.time_ns()))
+    third = preprocess(cfg, progress=False)
+    assert third["processed"] == 1
+    videos = table(copy, "videos")
+    assert videos.video_id.is_unique and len(videos) == len(rows)
+    frames = table(copy, "frames")
+    assert not frames.duplicated(["video_id", "frame_index"]).any()
+    assert (frames.video_id == rows[0]["video_id"]).sum() == (table(out, "frames").video_id == rows[0]["video_id"]).sum()
+
+
+def test_dynamics_peak_at_planted_micro_events(local_run, corpus):
+    """For each planted event: among sampled frames within 1 s of it (and away from other events in
+    the same region), the one whose window shows the most motion in that region overlaps the event."""
+    from pipeline.dynamics import ENERGY_REGIONS, STEPS
+
+    out, _, _ = local_run
+    corpus_dir, _, _ = corpus
+    frames = table(out, "frames")
+    hits, total = {}, {}
+    for t in map(json.loads, (corpus_dir / "truth.jsonl").read_text().splitlines()):
+        f = frames[(frames.video_id == t["video_id"]) & frames.face_found]
+        evs = t["micro_events"]
+        for ev in evs:
+            ri = ENERGY_REGIONS.index(ev["region"])
+            peaks = [(p, float(np.asarray(d, np.float32)[8 * STEPS + ri])) for p, d in zip(f.pts_s, f.dynamics)]
+
+            def overlaps(p, e):
+                return p - 0.2 <= e["offset_s"] and p + 0.2 >= e["onset_s"]
+
+            cands = [(p, v) for p, v in peaks if abs(p - ev["peak_s"]) <= 1.0 and not any(
+                overlaps(p, o) for o in evs if o is not ev and o["region"] == ev["region"])]
+            if not any(overlaps(p, ev) for p, _ in cands):
+                continue
+            best = max(cands, key=lambda x: x[1])[0]
+            total[ev["region"]] = total.get(ev["region"], 0) + 1
+            hits[ev["region"]] = hits.get(ev["region"], 0) + overlaps(best, ev)
+    rate = sum(hits.values()) / sum(total.values())
+    print(f"dynamics hit rate by region: { {k: f'{hits.get(k, 0)}/{v}' for k, v in total.items()} } overall {rate:.2f}")
+    assert sum(total.values()) >= 5 and rate >= 0.6
+
+
+def test_two_node_cluster_processes_the_corpus(corpus, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    corpus_dir, _, _ = corpus
+    was = ray.is_initialized()
+    if was:
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        cfg = PreprocessConfig(manifest=str(corpus_dir / "manifest.jsonl"), out=str(tmp_path / "fs"),
+                               videos_per_shard=2, workers=2)
+        summary = preprocess(cfg, progress=False)
+        assert summary["processed"] == 6 and summary["failed"] == 0
+        assert len(FeatureStore(str(tmp_path / "fs")).shards()) == 3
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
