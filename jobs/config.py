@@ -169,13 +169,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+SECRET_KEYS = ("secret", "password", "token", "passphrase", "credential", "private_key")
+
+
+def redact(data: Any) -> Any:
+    """The same data with secret-looking values (secret, password, token, ... keys) replaced by ***."""
+    if isinstance(data, dict):
+        return {k: "***" if isinstance(k, str) and any(s in k.lower() for s in SECRET_KEYS) and v is not None
+                else redact(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
 def dump_config(cfg: Any) -> str:
-    """The resolved configuration as YAML, in field order."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    """The resolved configuration as YAML, in field order, secrets redacted."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False, default_flow_style=None)
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved configuration next to a run's outputs."""
+    """Write the resolved configuration (secrets redacted) next to a run's outputs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_config(cfg))

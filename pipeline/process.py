@@ -99,9 +99,10 @@ class VideoProcessor:
         self.storage_options = storage_options or {}
         device = resolve_device(cfg.encoders.device)
         self.detector = build_detector(cfg.faces.backend, cfg.faces.model_dir, cfg.faces.upsample)
-        self.frame_encoder = build_encoder("frame", cfg.encoders.frame, device)
-        self.face_encoder = build_encoder("face", cfg.encoders.face, device)
-        self.audio_encoder = build_encoder("audio", cfg.encoders.audio, device)
+        opts = {"storage_options": self.storage_options}
+        self.frame_encoder = build_encoder("frame", cfg.encoders.frame, device, **opts)
+        self.face_encoder = build_encoder("face", cfg.encoders.face, device)  # weights ship in a package
+        self.audio_encoder = build_encoder("audio", cfg.encoders.audio, device, **opts)
 
     def encoder_info(self) -> dict:
         return {kind: {"id": e.id, "weight_hash": e.weight_hash, "tokens": e.tokens, "dim": e.dim}

@@ -187,11 +187,11 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> dict:
     runs = lineage.get("runs", [])[-49:] + [{k: summary[k] for k in ("finished_at", "processed", "skipped", "failed",
                                                                       "seconds", "frames")}]
     committed = store.committed()
-    from jobs.config import to_dict  # plain-data view of the config dataclass
+    from jobs.config import redact, to_dict  # plain-data view of the config dataclass
 
     store.write_lineage({
         "pipeline_version": PIPELINE_VERSION, "config_hash": chash, "encoders": encoders,
-        "config": to_dict(cfg), "manifest": cfg.manifest,
+        "config": redact(to_dict(cfg)), "manifest": cfg.manifest,
         "counts": dict(Counter(r["status"] for r in committed.values())), "videos": len(committed),
         "runs": runs,
     })

@@ -75,3 +75,17 @@ def test_override_values_are_yaml():
     assert parse_override("a.b={x: 1}") == ("a.b", {"x": 1})
     assert parse_override("s=hello world") == ("s", "hello world")
     assert parse_override("e=") == ("e", "")
+
+
+def test_secrets_are_redacted_when_printed_or_saved(tmp_path):
+    from jobs.config import save_config
+
+    @dataclass
+    class WithSecrets:
+        storage_options: dict = field(default_factory=dict)
+
+    cfg = load_config(WithSecrets, None, ["storage_options={key: AKIA1, secret: s3cr3t, client_kwargs: {aws_session_token: t0k}}"])
+    text = dump_config(cfg)
+    assert "s3cr3t" not in text and "t0k" not in text and "AKIA1" in text
+    assert "s3cr3t" not in save_config(cfg, tmp_path / "c.yaml").read_text()
+    assert cfg.storage_options["secret"] == "s3cr3t"  # only the rendering is redacted
