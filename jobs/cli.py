@@ -114,13 +114,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.run import PreprocessConfig, preprocess
+    from pipeline.run import format_summary as format_store_summary
     from pipeline.synth.corpus import SynthConfig, generate_corpus
     from pipeline.synth.preview import contact_sheet, format_summary
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"[1/1] synth: {args.videos} talking-face clips -> {out / 'corpus'}", file=sys.stderr)
+    print(f"[1/2] synth: {args.videos} talking-face clips -> {out / 'corpus'}", file=sys.stderr)
     cfg = SynthConfig(out=str(out / "corpus"), videos=args.videos, seed=args.seed)
     save_config(cfg, out / "corpus" / "config.yaml")
     summary = generate_corpus(cfg, progress=True)
@@ -130,7 +132,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if sheet:
         print(f"\nmicro-expression preview: {sheet}")
     print(f"manifest: {out / 'corpus' / 'manifest.jsonl'}   ground truth: {out / 'corpus' / 'truth.jsonl'}")
-    print("\nnot yet in the demo (open issues): preprocess (#3), train (#5), evaluate/infer (#6)")
+
+    print(f"\n[2/2] preprocess: feature store -> {out / 'features'}", file=sys.stderr)
+    pcfg = PreprocessConfig(manifest=str(out / "corpus" / "manifest.jsonl"), out=str(out / "features"))
+    save_config(pcfg, out / "features_config.yaml")
+    store_summary = preprocess(pcfg, progress=True)
+    print("\n== feature store ==")
+    print(format_store_summary(store_summary))
+    print(f"tables: {out / 'features'}/{{videos,frames,utterances,audio,labels}}/*.parquet")
+
+    print("\nnot yet in the demo (open issues): train (#5), evaluate/infer (#6)")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
