@@ -87,3 +87,22 @@ def s3():
             "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     yield client, opts
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def synth_store(corpus, tmp_path_factory):
+    """The session corpus preprocessed into a local feature store (embedded encoders, local Ray)."""
+    import ray
+
+    from pipeline.run import PreprocessConfig, preprocess
+
+    out = tmp_path_factory.mktemp("store") / "fs"
+    was_running = ray.is_initialized()
+    if not was_running:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        preprocess(PreprocessConfig(manifest=str(corpus[0] / "manifest.jsonl"), out=str(out)), progress=False)
+    finally:
+        if not was_running:
+            ray.shutdown()
+    return out
