@@ -113,6 +113,45 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from pipeline.importers.common import ImportError_, write_outputs
+
+    out = Path(args.out)
+    try:
+        if args.format == "meld":
+            from pipeline.importers.meld import import_meld
+
+            joined = args.joined_dir or str(out.parent / "meld_dialogues")
+            report = import_meld(args.annotations, args.videos, args.mode, args.split, joined)
+        elif args.format == "emer":
+            from pipeline.importers.labels import import_emer
+
+            report = import_emer(args.annotations, args.videos, args.labels, args.split)
+        elif args.format == "mer":
+            from pipeline.importers.labels import import_mer
+
+            report = import_mer(args.annotations, args.videos, args.split)
+        else:
+            from pipeline.importers.generic import import_generic, parse_mapping
+
+            report = import_generic(args.annotations, args.videos, parse_mapping(args.map))
+    except ImportError_ as exc:
+        raise UsageError(str(exc)) from exc
+    summary = write_outputs(report, str(out))
+    print(f"{args.format}: {summary['rows']} manifest rows -> {out}; {summary['dropped']} dropped "
+          f"(listed in {summary['dropped_file']}); {len(summary['warnings'])} warnings")
+    for d in report.dropped[:10]:
+        print(f"  dropped line {d['line']} ({d['id']}): {d['reason']}")
+    if len(report.dropped) > 10:
+        print(f"  ... and {len(report.dropped) - 10} more")
+    for w in report.warnings[:5]:
+        print(f"  warning line {w['line']} ({w['id']}): {w['message']}")
+    if not report.rows:
+        print(f"microemo import: no usable rows in {args.annotations}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.run import PreprocessConfig, preprocess
     from pipeline.run import format_summary as format_store_summary
@@ -231,13 +270,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, metavar="F")
     p.set_defaults(func=_not_implemented(7), overrides=[])
 
-    p = sub.add_parser("import", help="public corpus annotations -> manifest", formatter_class=_formatter,
-                       description="Convert MELD / EMER / MER annotations into a MicroEmo manifest.")
-    p.add_argument("format", metavar="FORMAT")
-    p.add_argument("--annotations", required=True, metavar="FILE")
-    p.add_argument("--videos", required=True, metavar="DIR")
-    p.add_argument("--out", required=True, metavar="MANIFEST")
-    p.set_defaults(func=_not_implemented(9))
+    p = sub.add_parser(
+        "import", help="public corpus annotations -> manifest", formatter_class=_formatter,
+        description="Convert a published emotion corpus's annotation file into a MicroEmo manifest (JSONL). "
+                    "Every row is validated; rows that cannot be used are listed with their line and reason in "
+                    "MANIFEST.dropped.jsonl, and MANIFEST.report.json records the source file, its sha256, "
+                    "counts and warnings. Formats: meld (CSV with Dialogue_ID, Utterance_ID, StartTime, ...), "
+                    "emer (name,chinese,english + optional --labels), mer (name,openset or name,discrete), "
+                    "generic (any CSV/JSONL with --map).",
+        epilog="examples:\n"
+               "  microemo import meld --annotations train_sent_emo.csv --videos train_splits --out meld_train.jsonl "
+               "--split train\n"
+               "  microemo import meld --mode dialogue --annotations dev_sent_emo.csv --videos dev_splits_complete "
+               "--out meld_dev_dialogues.jsonl --split val\n"
+               "  microemo import emer --annotations emer.csv --labels ov-labels.csv --videos video --out emer.jsonl\n"
+               "  microemo import mer --annotations check-openset.csv --videos s3://corpora/mer2024 --out mer.jsonl\n"
+               "  microemo import generic --annotations clips.csv --videos clips/ --out m.jsonl "
+               "--map video_id=clip,labels=emotions,description=why\n\n"
+               "docs: docs/datasets/*.md")
+    p.add_argument("format", metavar="FORMAT", choices=("meld", "emer", "mer", "generic"),
+                   help="meld | emer | mer | generic")
+    p.add_argument("--annotations", required=True, metavar="FILE", help="annotation file (local or s3://)")
+    p.add_argument("--videos", required=True, metavar="DIR_OR_URI", help="folder or s3:// prefix holding the clips")
+    p.add_argument("--out", required=True, metavar="MANIFEST", help="manifest to write (.jsonl)")
+    p.add_argument("--split", metavar="NAME", help="split to record on every row (train, val, test)")
+    p.add_argument("--mode", default="utterance", choices=("utterance", "dialogue"),
+                   help="meld: one row per utterance clip, or one joined video per dialogue")
+    p.add_argument("--joined-dir", metavar="DIR", help="meld dialogue mode: where joined videos go "
+                   "(default: MANIFEST's folder/meld_dialogues)")
+    p.add_argument("--labels", metavar="FILE", help="emer: open-vocabulary label file (name,openset)")
+    p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="generic: source column for a manifest field (video_id, uri, labels, description, "
+                        "split, utterances); repeat or comma-separate")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("demo", help="the whole flow, small, with embedded models", formatter_class=_formatter,
                        description="Runs every stage that exists on a small synthetic corpus and shows the "

@@ -36,7 +36,6 @@ def test_no_command_prints_help_and_is_a_usage_error(capsys):
     (["evaluate", "--model", "run", "--features", "fs", "--out", "rep"], 6),
     (["infer", "v.mp4", "--model", "run"], 6),
     (["retrain", "--config", "r.yaml"], 7),
-    (["import", "meld", "--annotations", "a.csv", "--videos", "v", "--out", "m.jsonl"], 9),
 ])
 def test_unimplemented_commands_say_so_and_exit_2(argv, issue, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
