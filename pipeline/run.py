@@ -136,6 +136,9 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> dict:
         store.drop_videos(shard, ids)
 
     started_ray = False
+    # Ray reports anonymous usage over the internet unless told not to; a data pipeline
+    # should not phone home by default (set RAY_USAGE_STATS_ENABLED=1 to allow it).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)

@@ -13,6 +13,10 @@ REQUIRED_TOOLS = ("ffmpeg", "ffprobe", "espeak-ng")
 
 def pytest_configure(config):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Tests never touch the network: no model hubs, no Ray usage reports.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
 @pytest.fixture(scope="session")
