@@ -51,10 +51,10 @@ def _stack(values, shape: tuple[int, ...], n: int) -> np.ndarray:
 
 
 def iter_samples(store: str | FeatureStore, split: str | None = None, video_ids: set[str] | None = None,
-                 storage_options: dict | None = None) -> Iterator[dict]:
-    """Samples of a store, shard by shard, in shard then video order."""
+                 storage_options: dict | None = None, shards: list[str] | None = None) -> Iterator[dict]:
+    """Samples of a store (or of the given shards), shard by shard, in shard then video order."""
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store, storage_options)
-    for shard in fs.shards("videos"):
+    for shard in (shards if shards is not None else fs.shards("videos")):
         videos = fs.read_table("videos", shards=[shard]).to_pylist()
         wanted = [v for v in videos if v["status"] in USABLE and (video_ids is None or v["video_id"] in video_ids)]
         if not wanted:
@@ -100,3 +100,105 @@ def _group(table: pa.Table) -> dict[str, list[dict]]:
     for r in table.to_pylist():
         out.setdefault(r["video_id"], []).append(r)
     return out
+
+
+# ---------------------------------------------------------------------------- training stream
+
+REQUIRED_COLUMNS = {
+    "videos": ("video_id", "status", "duration_s"),
+    "frames": ("video_id", "frame_index", "pts_s", "global_feat", "face_found", "face_feat", "face_feat_delta",
+               "dynamics"),
+    "utterances": ("video_id", "utt_index", "start_s", "end_s", "text"),
+    "audio": ("video_id", "window_index", "start_s", "end_s", "audio_feat"),
+    "labels": ("video_id", "split", "labels", "description", "utterance_labels"),
+}
+
+
+class StoreSchemaError(ValueError):
+    """The feature store lacks a table or column training needs; the message names it."""
+
+
+def check_store(store: FeatureStore) -> None:
+    """Fail fast, naming the table and column, when a store cannot feed training."""
+    import pyarrow.parquet as pq
+
+    for table, columns in REQUIRED_COLUMNS.items():
+        shards = store.shards(table)
+        if not shards:
+            raise StoreSchemaError(f"{store.url}: table {table}/ is missing or empty")
+        with store.fs.open(store.path(table, f"part-{shards[0]}.parquet"), "rb") as f:
+            schema = pq.read_schema(f)
+        for col in columns:
+            if col not in schema.names:
+                raise StoreSchemaError(f"{store.url}: table {table}/ has no column {col!r}")
+    for col in ("global_feat", "face_feat", "dynamics"):
+        with store.fs.open(store.path("frames", f"part-{store.shards('frames')[0]}.parquet"), "rb") as f:
+            meta = pq.read_schema(f).field(col).metadata or {}
+        if b"dim" not in meta:
+            raise StoreSchemaError(f"{store.url}: frames/{col} has no 'dim' metadata (not written by microemo preprocess?)")
+
+
+def video_index(store: FeatureStore, split: str | None = None) -> list[tuple[str, str]]:
+    """(shard, video_id) of every usable video (in ``split`` when given), sorted."""
+    out = []
+    for shard in store.shards("videos"):
+        videos = store.read_table("videos", shards=[shard], columns=["video_id", "status"]).to_pylist()
+        splits = {}
+        if split is not None:
+            labels = store.read_table("labels", shards=[shard], columns=["video_id", "split"]).to_pylist()
+            splits = {r["video_id"]: r["split"] for r in labels}
+        for v in videos:
+            if v["status"] in USABLE and (split is None or splits.get(v["video_id"]) == split):
+                out.append((shard, v["video_id"]))
+    return sorted(out)
+
+
+class SampleStream:
+    """This rank's samples for one epoch, in a seeded order, resumable at any position.
+
+    Order: shards are shuffled with (seed, epoch), then videos are shuffled within windows of
+    ``window`` shards, so reading stays shard-local (at most one shard's rows in memory) while
+    the order still mixes shards. Rank r of w takes every w-th sample from offset r; the stream
+    is cut to the same length on every rank (DeepSpeed needs equal step counts). ``position``
+    is how many samples this rank has consumed; ``start`` skips that many without reading them.
+    """
+
+    def __init__(self, store: FeatureStore, split: str | None, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start: int = 0, window: int = 4):
+        import random
+
+        index = video_index(store, split)
+        by_shard: dict[str, list[str]] = {}
+        for shard, vid in index:
+            by_shard.setdefault(shard, []).append(vid)
+        rng = random.Random(f"{seed}:{epoch}")
+        shards = sorted(by_shard)
+        rng.shuffle(shards)
+        order: list[tuple[str, str]] = []
+        for i in range(0, len(shards), window):
+            block = [(s, v) for s in shards[i: i + window] for v in by_shard[s]]
+            rng.shuffle(block)
+            order.extend(block)
+        per_rank = len(order) // world_size
+        self.items = order[rank::world_size][:per_rank]
+        self.store, self.position, self.window = store, start, window
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[dict]:
+        from collections import OrderedDict
+
+        # the window interleaves up to `window` shards: keep that many shards' samples (LRU)
+        cache: OrderedDict[str, dict[str, dict]] = OrderedDict()
+        while self.position < len(self.items):
+            shard, vid = self.items[self.position]
+            if shard not in cache:
+                if len(cache) >= self.window:
+                    cache.popitem(last=False)
+                wanted = {v for s, v in self.items[self.position:] if s == shard}
+                cache[shard] = {x["video_id"]: x for x in iter_samples(self.store, video_ids=wanted, shards=[shard])}
+            cache.move_to_end(shard)
+            sample = cache[shard][vid]
+            self.position += 1
+            yield sample

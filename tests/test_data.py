@@ -28,3 +28,46 @@ def test_samples_carry_every_modality_with_consistent_shapes(synth_store, corpus
     assert train and all(s["split"] == "train" for s in train)
     one = next(iter(truth))
     assert [s["video_id"] for s in iter_samples(str(synth_store), video_ids={one})] == [one]
+
+
+def test_stream_shards_by_rank_shuffles_by_seed_and_resumes(synth_store):
+    from jobs.data import SampleStream, check_store
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(str(synth_store))
+    check_store(store)
+    full = [s["video_id"] for s in SampleStream(store, None, seed=1)]
+    assert sorted(full) == sorted(f"syn{i:06d}" for i in range(6))
+    assert [s["video_id"] for s in SampleStream(store, None, seed=1)] == full  # deterministic
+    other = [[s["video_id"] for s in SampleStream(store, None, seed=1, epoch=e)] for e in range(1, 6)]
+    assert any(o != full for o in other)  # a new epoch reshuffles
+    r0 = [s["video_id"] for s in SampleStream(store, None, rank=0, world_size=2, seed=1)]
+    r1 = [s["video_id"] for s in SampleStream(store, None, rank=1, world_size=2, seed=1)]
+    assert len(r0) == len(r1) == 3 and not set(r0) & set(r1)
+    stream = SampleStream(store, None, seed=1)
+    it = iter(stream)
+    head = [next(it)["video_id"] for _ in range(2)]
+    assert stream.position == 2
+    rest = [s["video_id"] for s in SampleStream(store, None, seed=1, start=stream.position)]
+    assert head + rest == full
+
+
+def test_a_store_missing_a_column_fails_fast_naming_it(synth_store, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from jobs.data import StoreSchemaError, check_store
+    from pipeline.store import FeatureStore
+
+    copy = tmp_path / "fs"
+    shutil.copytree(synth_store, copy)
+    for f in (copy / "frames").glob("*.parquet"):
+        pq.write_table(pq.read_table(f).drop(["dynamics"]), f)
+    with pytest.raises(StoreSchemaError, match=r"frames/ has no column 'dynamics'"):
+        check_store(FeatureStore(str(copy)))
+    second = tmp_path / "fs2"
+    shutil.copytree(synth_store, second)
+    shutil.rmtree(second / "audio")
+    with pytest.raises(StoreSchemaError, match=r"table audio/ is missing"):
+        check_store(FeatureStore(str(second)))
