@@ -152,6 +152,23 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from jobs.train import TrainConfig, launch
+
+    cfg = _resolve(TrainConfig, args, {"stage": args.stage, "features": args.features, "out": args.out,
+                                       "init": args.init, "resume": args.resume, "launcher": args.launcher,
+                                       "num_workers": args.num_workers, "use_gpu": args.use_gpu,
+                                       "address": args.address})
+    if cfg.stage == 2 and not cfg.init and not cfg.resume:
+        print("microemo train: stage 2 without --init starts from randomly initialised stage-1 modules",
+              file=sys.stderr)
+    summary = launch(cfg)
+    print(f"stage {cfg.stage}: {summary.get('step')} steps, final loss {summary.get('loss', float('nan')):.4f}, "
+          f"{summary.get('samples_per_s', 0):.2f} samples/s, {100 * summary.get('data_wait_frac', 0):.1f}% of step "
+          f"time waiting for data -> {cfg.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.run import PreprocessConfig, preprocess
     from pipeline.run import format_summary as format_store_summary
@@ -236,16 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_preprocess)
 
-    p = sub.add_parser("train", help="two-stage training (DeepSpeed ZeRO)", formatter_class=_formatter,
-                       description="Stage 1 aligns the visual/audio Q-Formers to a frozen LLM; stage 2 "
-                                   "instruction-tunes with LoRA, starting from stage 1 (--init).")
+    p = sub.add_parser(
+        "train", help="two-stage training (DeepSpeed ZeRO)", formatter_class=_formatter,
+        description="Stage 1 aligns the visual/audio Q-Formers to a frozen LLM; stage 2 instruction-tunes "
+                    "with LoRA, starting from stage 1's export (--init). DeepSpeed ZeRO-2 by default "
+                    "(zero.stage=3, zero.offload_optimizer=true selectable); ranks started by Ray Train "
+                    "(default), torchrun, or in this process (--launcher local).",
+        epilog="writes RUN/config.yaml, checkpoints/, metrics.jsonl, tensorboard/, loss.png and export/\n"
+               "(trainable.safetensors, adapter/ for PEFT, model_config.json)\n\n"
+               "examples:\n"
+               "  microemo train --stage 1 --features fs --out runs/s1 preset=tiny max_steps=200\n"
+               "  microemo train --stage 2 --features fs --out runs/s2 --init runs/s1 zero.stage=3\n"
+               "  microemo train --stage 1 --features s3://features/v3 --out /mnt/shared/s1 --address auto "
+               "--num-workers 8 --use-gpu preset=paper")
     p.add_argument("--stage", required=True, type=int, choices=(1, 2), help="1 = alignment, 2 = instruction tuning")
     p.add_argument("--features", required=True, metavar="DEST", help="feature store written by preprocess")
     p.add_argument("--out", required=True, metavar="RUN", help="run directory (checkpoints, metrics, export)")
     p.add_argument("--init", metavar="RUN1", help="stage-1 run to start stage 2 from")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in --out")
+    p.add_argument("--launcher", choices=("ray", "torchrun", "local"), help="how ranks start (default ray)")
+    p.add_argument("--num-workers", type=int, metavar="N", help="ranks (default 2)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per rank, NCCL, bf16")
+    p.add_argument("--address", metavar="RAY", help="Ray cluster for --launcher ray (default: local Ray)")
     _add_config_args(p)
-    p.set_defaults(func=_not_implemented(5))
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a model on a feature-store split", formatter_class=_formatter,
                        description="EMER metrics (open-vocabulary label overlap, explanation similarity, "

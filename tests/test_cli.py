@@ -32,7 +32,6 @@ def test_no_command_prints_help_and_is_a_usage_error(capsys):
 
 
 @pytest.mark.parametrize("argv, issue", [
-    (["train", "--stage", "1", "--features", "fs", "--out", "run"], 5),
     (["evaluate", "--model", "run", "--features", "fs", "--out", "rep"], 6),
     (["infer", "v.mp4", "--model", "run"], 6),
     (["retrain", "--config", "r.yaml"], 7),

@@ -1,0 +1,209 @@
+"""MicroEmo: frames, faces, audio and transcript -> an explanation and emotion labels.
+
+    frames --VisualEncoder--> per-frame tokens --UtteranceVideo--> [clip; utterance segments] tokens
+    audio windows --AudioEncoder--> audio tokens
+    both --Linear--> LLM hidden size --> placed into the prompt's placeholders (inputs_embeds)
+    LLM (+ LoRA) --> answer text --parse_answer--> explanation, labels, per-utterance labels
+
+Usage::
+
+    model = MicroEmo.from_config(preset("embedded"), device="cpu")
+    batch = model.collator(train=False)(samples).to(device)
+    answers = model.generate(batch)                 # list[Answer]
+    model.set_stage(1); loss = model(model.collator()(samples)).loss
+
+Training stages (``set_stage``): 1 = every module except the LLM (frozen); 2 = stage 1's
+modules + the LoRA adapter. The features are precomputed, so there are no frozen encoders here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from model.audio import AudioEncoder
+from model.batch import IGNORE, Batch, Collator
+from model.config import MicroEmoConfig, preset
+from model.llm import add_lora, llama_config, load_llm
+from model.prompt import AUDIO, VIDEO, Answer, parse_answer
+from model.video import UtteranceVideo
+from model.visual import VisualEncoder
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor  # mean cross-entropy over answer tokens (nats per token)
+    answer_tokens: int
+
+
+@dataclass
+class Encoded:
+    """Projected multimodal tokens, in prompt order: video (B, Nv * (1 + S), H), audio (B, Na, H),
+    each with a (B, N) bool mask of the tokens that have placeholders."""
+
+    video: torch.Tensor
+    video_mask: torch.Tensor
+    audio: torch.Tensor | None
+    audio_mask: torch.Tensor | None
+
+
+class MicroEmo(nn.Module):
+    def __init__(self, cfg: MicroEmoConfig, llm: nn.Module, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        ab = cfg.ablations
+        hidden = cfg.llm.hidden_size
+        self.visual = VisualEncoder(cfg.features, cfg.visual, cfg.time, ab)
+        self.video = UtteranceVideo(cfg.video, self.visual.out_dim, utterance=ab.utterance)
+        self.video_proj = nn.Linear(self.video.out_dim, hidden)
+        self.audio = AudioEncoder(cfg.features, cfg.audio, cfg.time, time=ab.time) if ab.audio else None
+        self.audio_proj = nn.Linear(self.audio.out_dim, hidden) if ab.audio else None
+        self.llm = add_lora(llm, cfg.llm.lora)
+        self.tokenizer = tokenizer
+        base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    @classmethod
+    def from_config(cls, cfg: MicroEmoConfig, device: torch.device | str | None = None) -> "MicroEmo":
+        """Build with the LLM ``cfg.llm`` names (loaded from local files, or random), on ``device``."""
+        llm, tokenizer = load_llm(cfg.llm, device)
+        return cls(cfg, llm, tokenizer).to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.video_proj.weight.device
+
+    def collator(self, train: bool = True) -> Collator:
+        """Collation for this model's config and tokenizer (train=False: prompts only, for generate)."""
+        return Collator(self.cfg, self.tokenizer, train=train)
+
+    # ------------------------------------------------------------------ encoders
+    def encode(self, batch: Batch) -> Encoded:
+        frames = self.visual(batch.global_feat, batch.face_feat, batch.face_delta, batch.dynamics, batch.face_found,
+                             batch.frame_pts, batch.frame_mask)
+        video, video_mask = self.video(frames, batch.clip_frames, batch.seg_frames, batch.seg_mask)
+        nv = video.shape[2]
+        video = self.video_proj(video).flatten(1, 2)
+        video_mask = video_mask[..., None].expand(-1, -1, nv).flatten(1)
+        audio = audio_mask = None
+        if self.audio is not None:
+            audio = self.audio_proj(self.audio(batch.audio_feat, batch.audio_span, batch.audio_mask))
+            audio_mask = batch.audio_mask.any(1, keepdim=True).expand(-1, audio.shape[1])
+        return Encoded(video, video_mask, audio, audio_mask)
+
+    def inputs_embeds(self, batch: Batch) -> torch.Tensor:
+        """Prompt embeddings with placeholders replaced by projected tokens: (B, L, H) in the LLM's dtype."""
+        embeds = self.llm.get_input_embeddings()(batch.input_ids)
+        enc = self.encode(batch)
+        embeds = _place(embeds, batch.mm_kind == VIDEO, enc.video, enc.video_mask, "video")
+        if enc.audio is not None:
+            embeds = _place(embeds, batch.mm_kind == AUDIO, enc.audio, enc.audio_mask, "audio")
+        elif (batch.mm_kind == AUDIO).any():
+            raise ValueError("the batch has audio placeholders but the audio branch is off (collated with another config?)")
+        return embeds
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: Batch) -> Output:
+        """Loss on the answer tokens only (``batch.labels``; prompt, placeholders and padding are ignored)."""
+        if batch.labels is None:
+            raise ValueError("batch has no labels: collate with train=True")
+        embeds = self.inputs_embeds(batch)
+        labels = batch.labels
+        length = labels.shape[1]
+        answered = (labels != IGNORE).any(0).nonzero()
+        if len(answered) == 0:
+            raise ValueError("batch has no answer tokens")
+        first = int(answered[0])
+        extra = {}
+        keep = length - first + 1  # left padding puts every answer at the end: logits for these only
+        if self._keeps_logits:
+            extra["logits_to_keep"] = keep
+        out = self.llm(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                       position_ids=_positions(batch.attention_mask), use_cache=False, **extra)
+        logits = out.logits[:, -keep:-1].float()
+        target = labels[:, first:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        return Output(loss=loss, answer_tokens=int((target != IGNORE).sum()))
+
+    def set_stage(self, stage: int) -> list[tuple[str, nn.Parameter]]:
+        """Set requires_grad for training stage 1 or 2; returns the trainable (name, parameter) pairs.
+
+        Stage 1 (alignment): every parameter outside the LLM. Stage 2 (instruction tuning): those
+        plus the LoRA adapter's. The LLM's own weights are never trained.
+        """
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+        trainable = []
+        for name, p in self.named_parameters():
+            on = not name.startswith("llm.") or (stage == 2 and "lora_" in name)
+            p.requires_grad_(on)
+            if on:
+                trainable.append((name, p))
+        return trainable
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int | None = None, **kwargs) -> list[Answer]:
+        """Greedy answers for a prompt-only batch (``collator(train=False)``), parsed (``Answer.raw`` keeps the text)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (build it with MicroEmo.from_config)")
+        embeds = self.inputs_embeds(batch)
+        kwargs.setdefault("do_sample", False)
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                max_new_tokens=max_new_tokens or self.cfg.llm.max_new_tokens,
+                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                **kwargs)
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [parse_answer(t) for t in texts]
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 at each row's first real token (left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _place(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """Write ``tokens[valid]`` (in order) into the positions ``where`` of ``embeds``."""
+    want, have = where.sum(1), valid.sum(1)
+    if not torch.equal(want, have):
+        raise ValueError(f"{kind} placeholders per sample {want.tolist()} != {kind} tokens {have.tolist()} "
+                         "(batch collated with another config?)")
+    return embeds.masked_scatter(where[..., None], tokens[valid].to(embeds.dtype))
+
+
+def count_parameters(cfg: MicroEmoConfig | str) -> dict[str, int]:
+    """Parameter counts of a preset (or config) by component, built on the meta device (no weights, no files).
+
+    The LLM is counted from the config's ``arch`` sizes (a loaded model of another family may differ
+    slightly); LoRA from the shapes of its target layers. Keys: visual, video, audio, projections,
+    llm, lora, stage1 (trainable in stage 1), stage2, total.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(cfg, str):
+        cfg = preset(cfg)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llama_config(cfg.llm))
+        model = MicroEmo(cfg, llm)
+
+    def n(module: nn.Module | None) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    llm_total = sum(p.numel() for name, p in model.llm.named_parameters() if "lora_" not in name)
+    lora = sum(p.numel() for name, p in model.llm.named_parameters() if "lora_" in name)
+    counts = {
+        "visual": n(model.visual),
+        "video": n(model.video),
+        "audio": n(model.audio),
+        "projections": n(model.video_proj) + n(model.audio_proj),
+        "llm": llm_total,
+        "lora": lora,
+    }
+    counts["stage1"] = counts["visual"] + counts["video"] + counts["audio"] + counts["projections"]
+    counts["stage2"] = counts["stage1"] + lora
+    counts["total"] = counts["stage1"] + llm_total + lora
+    return counts
