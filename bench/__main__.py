@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from bench import preprocess
+from bench import preprocess, train
 
-BENCHES = {"preprocess": preprocess.main}
+BENCHES = {"preprocess": preprocess.main, "train": train.main}
 
 
 def main(argv=None) -> int:

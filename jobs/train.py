@@ -249,22 +249,26 @@ def train_loop(cfg_dict: dict) -> dict:
         _load_rng(run / "checkpoints" / f"step{step}", rank)
     log = MetricsLogger(run, enabled=rank == 0, stage=cfg.stage)
     preempt = _Preempted()
-    stream = SampleStream(store, cfg.split, rank, world, cfg.seed, epoch, position)
-    if len(stream) == 0:
+    if len(SampleStream(store, cfg.split, rank, world, cfg.seed, epoch, 0)) == 0:
         raise ValueError(f"{cfg.features}: no usable samples in split {cfg.split!r} for {world} rank(s)")
-    it = iter(stream)
 
-    def next_batch():
-        nonlocal it, stream, epoch
-        samples = []
-        while len(samples) < cfg.micro_batch_size:
-            try:
-                samples.append(next(it))
-            except StopIteration:  # next epoch, reshuffled
-                epoch += 1
-                stream = SampleStream(store, cfg.split, rank, world, cfg.seed, epoch, 0)
-                it = iter(stream)
-        return collate(samples).to(device)
+    def batches():
+        """Collated micro-batches with the (epoch, position) reached after each; epochs reshuffle."""
+        ep, stream = epoch, SampleStream(store, cfg.split, rank, world, cfg.seed, epoch, position)
+        it = iter(stream)
+        while True:
+            samples = []
+            while len(samples) < cfg.micro_batch_size:
+                try:
+                    samples.append(next(it))
+                except StopIteration:
+                    ep += 1
+                    stream = SampleStream(store, cfg.split, rank, world, cfg.seed, ep, 0)
+                    it = iter(stream)
+            yield collate(samples), ep, stream.position
+
+    # a background thread reads and collates the next batches while this one trains
+    loader = Prefetcher(batches(), depth=2)
 
     from tqdm import tqdm
 
@@ -276,7 +280,8 @@ def train_loop(cfg_dict: dict) -> dict:
         losses = []
         for _ in range(cfg.grad_accum):
             td = time.perf_counter()
-            batch = next_batch()
+            batch, epoch, position = loader.get()
+            batch = batch.to(device)
             t_data += time.perf_counter() - td
             out = engine(batch)
             engine.backward(out.loss)
@@ -301,10 +306,11 @@ def train_loop(cfg_dict: dict) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}")
         stop = _agree(preempt.flag)
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
-            _save(engine, run, step, epoch, stream.position, rank)
+            _save(engine, run, step, epoch, position, rank)
         if stop:
             break
     bar.close()
+    loader.close()
     if step >= cfg.max_steps:
         export(engine, model, mcfg, run, rank)
     log.close()
@@ -314,6 +320,49 @@ def train_loop(cfg_dict: dict) -> dict:
         (run / "summary.json").write_text(json.dumps(summary))
     dist.barrier()
     return summary
+
+
+class Prefetcher:
+    """Runs a generator in a daemon thread, ``depth`` items ahead; errors surface in ``get``."""
+
+    _END = object()
+
+    def __init__(self, gen, depth: int = 2):
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._gen = gen
+        self._thread = threading.Thread(target=self._run, daemon=True, name="microemo-prefetch")
+        self._thread.start()
+
+    def _run(self):
+        try:
+            for item in self._gen:
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.2)
+                        break
+                    except Exception:  # queue.Full: check for stop, then retry
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # the training loop re-raises it
+            self._q.put(exc)
+            return
+        self._q.put(self._END)
+
+    def get(self):
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self):
+        self._stop.set()
 
 
 def _agree(flag: bool) -> bool:
