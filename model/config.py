@@ -191,6 +191,10 @@ class PromptConfig:
 
     system: str = "You are an expert in emotion recognition. You explain which visual, acoustic and " \
                   "spoken clues in a video reveal the speaker's emotions."
+    instruction: str = "Describe the visual, acoustic and spoken clues that reveal the speaker's emotions, with " \
+                       "their times in seconds. Then write a line starting with \"Emotions:\" that lists the " \
+                       "emotions, separated by commas."
+    instruction_utterances: str = " Then write one line per utterance, \"Utterance N (start-end s): emotions\"."
     max_utterance_chars: int = 300  # longer transcript lines are cut (untrusted text, bounded prompt)
     utterance_labels: bool = True  # ask for (and train on) per-utterance label lines
 
@@ -234,11 +238,16 @@ def preset(name: str) -> MicroEmoConfig:
             video=VideoConfig(clip_qformer=_q(32, 1, 2, 4), utterance_qformer=_q(32, 1, 2, 4), max_segments=4,
                               max_window_frames=8, max_clip_frames=24),
             audio=AudioConfig(width=32, qformer=_q(32, 1, 2, 4), max_windows=32),
-            # lm_head is a LoRA target here only: a random LLM's output layer cannot make confident
-            # predictions, so without it the overfit test would measure the initialisation.
-            llm=LLMConfig(source="random", hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128,
+            # Short prompt text: byte-level tokens make every character a position.
+            prompt=PromptConfig(system="You explain emotions in videos.",
+                                instruction="Explain the clues with their times, then write \"Emotions:\" and the "
+                                            "emotions.",
+                                instruction_utterances=" Then one line per utterance."),
+            # A random base needs a full-rank adapter (r = hidden) to be trainable at all, and lm_head
+            # among the targets: a random output layer cannot make confident predictions.
+            llm=LLMConfig(source="random", hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128,
                           vocab_size=260, max_new_tokens=96,
-                          lora=LoRAConfig(rank=8, alpha=16, dropout=0.0,
+                          lora=LoRAConfig(rank=64, alpha=64, dropout=0.0,
                                           targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj", "lm_head"])),
         )

@@ -157,8 +157,12 @@ def add_lora(llm: nn.Module, cfg: LoRAConfig) -> nn.Module:
     """The LM wrapped with a peft LoRA adapter on ``cfg.targets`` (unchanged when rank is 0)."""
     if cfg.rank <= 0:
         return llm
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
                       task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(llm, lora)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(llm, lora)

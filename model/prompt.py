@@ -9,7 +9,7 @@ The prompt (one chat turn, rendered with the tokenizer's chat template)::
     Transcript:
     Utterance 1 (0.53-2.70 s, speaker A): "The schedule changed this week."
     ...                                                          or "(no speech)"
-    <instruction>
+    <instruction>                                               (PromptConfig.instruction)
 
 Placeholders are marked in the rendered text and become runs of placeholder positions in
 ``input_ids``; the model writes its projected tokens there through ``inputs_embeds``. No
@@ -38,11 +38,6 @@ from model.video import Segment
 TEXT, VIDEO, AUDIO = 0, 1, 2  # kinds of prompt positions (``Batch.mm_kind``)
 _MARK = "\ue000"  # private-use character: stripped from all untrusted text, so it cannot forge placeholders
 _PLACEHOLDER = re.compile(f"{_MARK}(video|audio):(\\d+){_MARK}")
-
-INSTRUCTION = ("Describe the visual, acoustic and spoken clues that reveal the speaker's emotions, with their "
-               "times in seconds. Then write a line starting with \"Emotions:\" that lists the emotions, "
-               "separated by commas.")
-INSTRUCTION_UTTERANCES = (" Then write one line per utterance, \"Utterance N (start-end s): emotions\".")
 
 
 def placeholder(kind: str, n: int) -> str:
@@ -92,7 +87,7 @@ def user_message(utterances: list[dict], segments: list[Segment], duration_s: fl
         lines.append(f"Utterance {i} ({_span(float(u['start_s']), float(u['end_s']))}{who}): \"{text}\"")
     if not utterances:
         lines.append("(no speech)")
-    lines.append(INSTRUCTION + (INSTRUCTION_UTTERANCES if cfg.utterance_labels and utterances else ""))
+    lines.append(cfg.instruction + (cfg.instruction_utterances if cfg.utterance_labels and utterances else ""))
     return "\n".join(lines)
 
 

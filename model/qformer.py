@@ -31,6 +31,9 @@ class QFormer(nn.Module):
             intermediate_size=cfg.intermediate, cross_attention_frequency=cfg.cross_attention_every,
             encoder_hidden_size=memory_dim, hidden_dropout_prob=cfg.dropout,
             attention_probs_dropout_prob=cfg.dropout, use_qformer_text_input=False,
+            # BERT's fixed 0.02 suits width 768; scaling with width keeps narrow Q-Formers from
+            # passing almost nothing of their memory at initialisation (1e-5 of the signal at width 32)
+            initializer_range=cfg.hidden ** -0.5,
         )
         qcfg._attn_implementation = "sdpa"
         self.qformer = Blip2QFormerModel(qcfg)
