@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(zero.stage=3, zero.offload_optimizer=true selectable); ranks started by Ray Train "
                     "(default), torchrun, or in this process (--launcher local).",
         epilog="writes RUN/config.yaml, checkpoints/, metrics.jsonl, tensorboard/, loss.png and export/\n"
-               "(trainable.safetensors, adapter/ for PEFT, model_config.json)\n\n"
+               "(microemo.safetensors, adapter/ for PEFT, model_config.json)\n\n"
                "examples:\n"
                "  microemo train --stage 1 --features fs --out runs/s1 preset=tiny max_steps=200\n"
                "  microemo train --stage 2 --features fs --out runs/s2 --init runs/s1 zero.stage=3\n"

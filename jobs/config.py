@@ -16,6 +16,7 @@ flow collections (``fps=25``, ``ratios=[0.7,0.15,0.15]``, ``name=null``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -169,13 +170,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-SECRET_KEYS = ("secret", "password", "token", "passphrase", "credential", "private_key")
+SECRET_WORDS = {"secret", "password", "passphrase", "token", "credential", "credentials"}
+
+
+def is_secret_key(key: str) -> bool:
+    """True for keys like ``secret``, ``aws_session_token``, ``db-password``, ``private_key``; whole
+    words only, so ``max_new_tokens`` or ``global_tokens`` are not secrets."""
+    words = re.split(r"[_\-.\s]+", key.lower())
+    return bool(SECRET_WORDS.intersection(words)) or "private_key" in key.lower()
 
 
 def redact(data: Any) -> Any:
-    """The same data with secret-looking values (secret, password, token, ... keys) replaced by ***."""
+    """The same data with secret values (see ``is_secret_key``) replaced by ***."""
     if isinstance(data, dict):
-        return {k: "***" if isinstance(k, str) and any(s in k.lower() for s in SECRET_KEYS) and v is not None
+        return {k: "***" if isinstance(k, str) and is_secret_key(k) and v is not None
                 else redact(v) for k, v in data.items()}
     if isinstance(data, list):
         return [redact(v) for v in data]

@@ -15,7 +15,7 @@ Stage 1 trains everything but the LLM; stage 2 adds LoRA and starts from stage 1
     checkpoints/step<N>/        DeepSpeed checkpoints (ZeRO shards, optimizer, scheduler) + latest
     checkpoints/step<N>/rng_rank<R>.safetensors   per-rank torch RNG state
     metrics.jsonl, tensorboard/, loss.png
-    export/trainable.safetensors   every trainable non-LLM weight (gathered under ZeRO-3)
+    export/microemo.safetensors    every non-LLM weight (gathered under ZeRO-3; model.weights layout)
     export/adapter/             the LoRA adapter as a PEFT directory (stage 2)
     export/model_config.json    the model config (rebuild with model.config.config_from_dict)
 
@@ -174,18 +174,14 @@ def latest_checkpoint(run: Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def load_init(model, init_run: str) -> list[str]:
-    """Stage 2 starts from stage 1's exported non-LLM weights (safetensors only); returns the keys loaded."""
-    from safetensors.torch import load_file
+def load_init(model, init_run: str) -> None:
+    """Stage 2 starts from stage 1's exported modules (safetensors, strict names and shapes; no adapter)."""
+    from model.weights import MODULES_FILE, load_weights
 
-    path = Path(init_run) / "export" / "trainable.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"--init {init_run}: no export/trainable.safetensors (did stage 1 finish?)")
-    weights = {k: v for k, v in load_file(str(path)).items() if not k.startswith("llm.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise ValueError(f"--init {init_run}: weights the model does not have: {unexpected[:5]}")
-    return sorted(weights)
+    export_dir = Path(init_run) / "export"
+    if not (export_dir / MODULES_FILE).is_file():
+        raise FileNotFoundError(f"--init {init_run}: no export/{MODULES_FILE} (did stage 1 finish?)")
+    load_weights(model, export_dir, adapter=False)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -396,25 +392,18 @@ def _load_rng(folder: Path, rank: int) -> None:
 
 
 def export(engine, model, mcfg, run: Path, rank: int) -> None:
-    """Trainable non-LLM weights as safetensors, the LoRA adapter as a PEFT directory, the model config."""
+    """``model.weights`` layout in RUN/export: non-LLM modules as safetensors, the LoRA adapter as a
+    PEFT directory, the model config."""
     import deepspeed
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
-    from model.config import to_dict
+    from model.weights import save_weights
 
-    out = run / "export"
     params = [p for _, p in model.named_parameters()]
-    # ZeRO-3 shards every parameter: gather them (read-only) so rank 0 can write full tensors
+    # ZeRO-3 shards every parameter: gather them (read-only) so rank 0 writes full tensors
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            weights = {n: p.detach().cpu().contiguous().clone() for n, p in model.named_parameters()
-                       if not n.startswith("llm.")}
-            save_file(weights, str(out / "trainable.safetensors"))
-            if any("lora_" in n for n, _ in model.named_parameters()):
-                model.llm.save_pretrained(str(out / "adapter"))
-            (out / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=1))
+            save_weights(model, run / "export")
     dist.barrier()
 
 

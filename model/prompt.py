@@ -29,8 +29,8 @@ The answer (what training targets look like and what ``parse_answer`` reads)::
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from model.config import PromptConfig
 from model.video import Segment
@@ -46,7 +46,7 @@ def placeholder(kind: str, n: int) -> str:
 
 
 def clean_text(text: str, forbidden: Iterable[str] = (), limit: int = 300) -> str:
-    """Untrusted text for the prompt: one line, no placeholder marks or special-token strings, at most ``limit`` chars."""
+    """Untrusted text for the prompt: one line, no placeholder marks or special-token strings, <= ``limit`` chars."""
     text = " ".join(str(text).replace(_MARK, "").split())
     for tok in forbidden:
         if tok:
@@ -63,8 +63,9 @@ def sorted_utterances(utterances: list[dict]) -> list[dict]:
     return sorted(utterances, key=lambda u: (float(u["start_s"]), float(u["end_s"])))
 
 
-def user_message(utterances: list[dict], segments: list[Segment], duration_s: float, audio_span: tuple[float, float] | None,
-                 n_video: int, n_audio: int, cfg: PromptConfig, forbidden: Iterable[str] = ()) -> str:
+def user_message(utterances: list[dict], segments: list[Segment], duration_s: float,
+                 audio_span: tuple[float, float] | None, n_video: int, n_audio: int, cfg: PromptConfig,
+                 forbidden: Iterable[str] = ()) -> str:
     """The user turn with placeholders.
 
     utterances: transcript order (``sorted_utterances``); segments: planned video segments;
@@ -178,36 +179,70 @@ def build_target(sample: dict, cfg: PromptConfig) -> str:
             s, e = float(ul["start_s"]), float(ul["end_s"])
             index = j + 1
             if utts:
-                best = max(range(len(utts)), key=lambda i: _overlap(s, e, float(utts[i]["start_s"]), float(utts[i]["end_s"])))
-                index = best + 1
+                overlaps = [_overlap(s, e, float(u["start_s"]), float(u["end_s"])) for u in utts]
+                index = max(range(len(utts)), key=overlaps.__getitem__) + 1
             per_utt.append(UtteranceAnswer(index, s, e, [str(x) for x in ul.get("labels") or []]))
     return format_answer(description, labels or ["unknown"], per_utt)
 
 
 _EMOTIONS = re.compile(r"^[\s>*#_-]*emotions?(?:\s+labels?)?[\s*_]*[:：=-]\s*(.*)$", re.IGNORECASE)
+_LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.*)$")
 _UTTERANCE = re.compile(
     r"^[\s>*#_-]*utterance\s*#?\s*(\d+)[\s*_]*"
     r"(?:[(\[]\s*(\d+(?:\.\d+)?)\s*s?\s*(?:-|–|—|to)\s*(\d+(?:\.\d+)?)\s*s?\s*[)\]])?"
     r"[\s*_]*[:：=-]\s*(.*)$", re.IGNORECASE)
 
 
+def _label(part: str) -> str:
+    return part.strip().strip(" .!\"'`*_()[]{}").strip().lower()
+
+
+def _is_label(label: str) -> bool:
+    # longer pieces are sentences, not labels
+    return bool(label) and len(label) <= 40 and len(label.split()) <= 4
+
+
 def split_labels(text: str, limit: int = 12) -> list[str]:
-    """'Happy, excited and joyful.' -> ['happy', 'excited', 'joyful'] (lowercase, deduplicated, at most ``limit``)."""
+    """'Happy, excited and joyful.' -> ['happy', 'excited', 'joyful'].
+
+    Lowercased, deduplicated, at most ``limit``; pieces longer than 4 words or 40 characters are
+    dropped.
+    """
     out: list[str] = []
     for part in re.split(r"[,;/|]|\band\b|\n", text):
-        label = part.strip().strip(" .!\"'`*_()[]{}").strip().lower()
-        if label and len(label) <= 40 and label not in out:
+        label = _label(part)
+        if _is_label(label) and label not in out:
             out.append(label)
     return out[:limit]
 
 
+def _list_labels(items: list[str]) -> list[str]:
+    """Labels from list items under an empty ``Emotions:`` line, only if every item is label-like
+    (a list of sentences there is not an answer)."""
+    if not items or not all(_is_label(_label(x)) for x in items):
+        return []
+    return split_labels(", ".join(items))
+
+
 def parse_answer(text: str) -> Answer:
-    """Explanation, clip labels and per-utterance labels from generated text (never raises)."""
+    """Explanation, clip labels and per-utterance labels from generated text (never raises).
+
+    Clip labels come from the first ``Emotions:`` line or, when that line is empty, from the
+    list items right below it ("- happy") if all of them are label-like. The explanation is the
+    text before that line.
+    """
     explanation: list[str] = []
     labels: list[str] | None = None
+    items: list[str] | None = None  # list items under an empty "Emotions:" line, while reading them
     utterances: list[UtteranceAnswer] = []
     seen: set[int] = set()
     for line in (text or "").splitlines():
+        item = _LIST_ITEM.match(line) if items is not None else None
+        if item and not _UTTERANCE.match(line):
+            items.append(item.group(1))
+            continue
+        if items is not None:
+            labels, items = _list_labels(items), None
         m = _UTTERANCE.match(line)
         if m:
             index = int(m.group(1))
@@ -220,8 +255,12 @@ def parse_answer(text: str) -> Answer:
         m = _EMOTIONS.match(line)
         if m and labels is None:
             labels = split_labels(m.group(1))
+            if not m.group(1).strip():
+                items = []
             continue
         if labels is None:
             explanation.append(line)
+    if items is not None:
+        labels = _list_labels(items)
     return Answer(explanation="\n".join(explanation).strip(), labels=labels or [], utterances=utterances,
                   well_formed=bool(labels), raw=text or "")

@@ -165,7 +165,7 @@ class UtteranceVideo(nn.Module):
             return clip + self.segment[0], torch.ones(b, 1, dtype=torch.bool, device=clip.device)
         if self.utterance is None:
             raise ValueError("utterance branch is off but the batch has utterance segments")
-        w, m = seg_frames.shape[2:]
+        w = seg_frames.shape[2]
         tokens, mask = _gather(frame_tokens, seg_frames)  # (B, S, W, M, Nq, d)
         window_on = mask.any(-1)  # (B, S, W)
         out = clip.new_zeros(b, s, w, self.queries, self.out_dim)

@@ -89,3 +89,12 @@ def test_secrets_are_redacted_when_printed_or_saved(tmp_path):
     assert "s3cr3t" not in text and "t0k" not in text and "AKIA1" in text
     assert "s3cr3t" not in save_config(cfg, tmp_path / "c.yaml").read_text()
     assert cfg.storage_options["secret"] == "s3cr3t"  # only the rendering is redacted
+
+
+def test_redaction_matches_whole_words_only():
+    from jobs.config import is_secret_key
+
+    for key in ("secret", "aws_session_token", "db-password", "private_key", "token"):
+        assert is_secret_key(key), key
+    for key in ("global_tokens", "max_new_tokens", "key", "tokenizer", "secretary_name"):
+        assert not is_secret_key(key), key
