@@ -175,7 +175,7 @@ def test_silence_gives_nothing():
 def test_other_rates_and_integer_pcm(clips, asr_run):
     from scipy.signal import resample_poly
 
-    (truth, audio), (_, at_16k) = clips[0], asr_run[0][0]
+    (_, audio), (_, at_16k) = clips[0], asr_run[0][0]
     pcm = (resample_poly(audio, 3, 1) * 32767).clip(-32768, 32767).astype(np.int16)  # 48 kHz int16
     got = utterances_for(ManifestEntry(1, "v"), pcm, sample_rate=48000)
     assert len(got) == len(at_16k)
