@@ -162,7 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.stage == 2 and not cfg.init and not cfg.resume:
         print("microemo train: stage 2 without --init starts from randomly initialised stage-1 modules",
               file=sys.stderr)
-    summary = launch(cfg)
+    try:
+        summary = launch(cfg)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from exc
     print(f"stage {cfg.stage}: {summary.get('step')} steps, final loss {summary.get('loss', float('nan')):.4f}, "
           f"{summary.get('samples_per_s', 0):.2f} samples/s, {100 * summary.get('data_wait_frac', 0):.1f}% of step "
           f"time waiting for data -> {cfg.out}")

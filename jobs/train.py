@@ -421,6 +421,10 @@ def launch(cfg: TrainConfig) -> dict:
     from jobs.config import save_config, to_dict
 
     run = Path(cfg.out)
+    if not cfg.resume and latest_checkpoint(run) is not None:
+        # a second run into the same directory would mix its checkpoints and metrics with these
+        raise FileExistsError(f"{run} already holds a run (checkpoints/{latest_checkpoint(run)}): "
+                              f"pass --resume to continue it, or choose another --out")
     run.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run / "config.yaml")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")

@@ -59,3 +59,13 @@ def test_bad_value_is_exit_2(capsys, tmp_path):
 def test_parser_is_built_once_per_call():
     # two builds must not share state (argparse defaults are per parser)
     assert build_parser() is not build_parser()
+
+
+def test_train_refuses_to_mix_a_new_run_into_an_existing_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step4")
+    assert main(["train", "--stage", "1", "--features", str(tmp_path / "fs"), "--out", str(run),
+                 "--launcher", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoints/step4)" in err and "--resume" in err
