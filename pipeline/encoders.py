@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -434,19 +433,6 @@ class HFVisionFrameEncoder:
 # --------------------------------------------------------------------------- dlib faces
 
 
-def _face_recognition_models():
-    try:
-        with warnings.catch_warnings():  # it imports pkg_resources, deprecated but present
-            warnings.simplefilter("ignore")
-            import face_recognition_models
-    except ImportError as exc:
-        raise EncoderWeightsMissing(
-            "the dlib face models are not installed: pip install face-recognition-models "
-            "(part of `pip install 'microemo[embedded]'`)"
-        ) from exc
-    return face_recognition_models
-
-
 class DlibFaceEncoder:
     """128-d face descriptors from dlib's ResNet (``face-recognition-models``), CPU only.
 
@@ -468,7 +454,9 @@ class DlibFaceEncoder:
         except ImportError as exc:
             raise EncoderWeightsMissing("the face encoder needs dlib: pip install dlib-bin "
                                         "(part of `pip install 'microemo[embedded]'`)") from exc
-        path = Path(_face_recognition_models().face_recognition_model_location())
+        from pipeline.faces import face_recognition_models
+
+        path = Path(face_recognition_models(EncoderWeightsMissing).face_recognition_model_location())
         if not path.is_file():
             raise EncoderWeightsMissing(f"dlib face descriptor model not found at {path}: "
                                         "reinstall face-recognition-models")

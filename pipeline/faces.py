@@ -54,6 +54,19 @@ class Face:
         return max(0.0, self.bbox[2] - self.bbox[0]) * max(0.0, self.bbox[3] - self.bbox[1])
 
 
+def face_recognition_models(error: type[Exception] = FaceModelMissing):
+    """The ``face_recognition_models`` package (dlib's landmark and descriptor weights); a missing
+    install raises ``error`` saying how to get it."""
+    try:
+        with warnings.catch_warnings():  # it imports pkg_resources, deprecated but present
+            warnings.simplefilter("ignore")
+            import face_recognition_models as frm
+    except ImportError as exc:
+        raise error("the dlib face models are not installed: pip install face-recognition-models "
+                    "(part of `pip install 'microemo[embedded]'`)") from exc
+    return frm
+
+
 def _check_image(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
@@ -89,16 +102,7 @@ class DlibFaceDetector:
 
     @cached_property
     def _predictor(self):
-        try:
-            with warnings.catch_warnings():  # it imports pkg_resources, deprecated but present
-                warnings.simplefilter("ignore")
-                import face_recognition_models
-        except ImportError as exc:
-            raise FaceModelMissing(
-                "68-point landmarks need the face-recognition-models package: "
-                "pip install 'microemo[embedded]'"
-            ) from exc
-        return self._dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
+        return self._dlib.shape_predictor(face_recognition_models().pose_predictor_model_location())
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces in an RGB uint8 image, largest first."""
