@@ -35,7 +35,7 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 URI_SCHEMES = ("file", "s3")
@@ -277,32 +277,40 @@ def _labels(value: Any, key: str) -> list[str]:
     raise _RowError("bad_labels", f"{key} must be a list of strings")
 
 
-def _time(u: dict, key: str, k: int) -> float:
+def _time(u: dict, key: str, where: str, error_type: str) -> float:
     v = u.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise _RowError("bad_utterances", f"utterance {k}: {key} is missing or not a number")
+        raise _RowError(error_type, f"{where}: {key} is missing or not a number")
     try:
         t = float(v)
     except ValueError:
-        raise _RowError("bad_utterances", f"utterance {k}: {key} {v!r} is not a number") from None
+        raise _RowError(error_type, f"{where}: {key} {v!r} is not a number") from None
     if not math.isfinite(t) or t < 0:
-        raise _RowError("bad_utterances", f"utterance {k}: {key} {v!r} must be a finite number >= 0")
+        raise _RowError(error_type, f"{where}: {key} {v!r} must be a finite number >= 0")
     return t
 
 
-def _utterances(value: Any) -> list[Utterance]:
+def _spans(value: Any, field: str, item: str, error_type: str) -> Iterable[tuple[str, dict, float, float]]:
+    """(where, item, start_s, end_s) for a list of ``{start_s, end_s, ...}`` objects, each checked:
+    times finite, >= 0 and end after start. ``field`` names the list and ``item`` its elements in
+    messages."""
     if isinstance(value, _BadRow):
-        raise _RowError("bad_utterances", value.message)
+        raise _RowError(error_type, value.message)
     if not isinstance(value, list):
-        raise _RowError("bad_utterances", "utterances must be a list")
-    out = []
+        raise _RowError(error_type, f"{field} must be a list")
     for k, u in enumerate(value):
+        where = f"{item} {k}"
         if not isinstance(u, dict):
-            raise _RowError("bad_utterances", f"utterance {k}: not an object")
-        start, end = _time(u, "start_s", k), _time(u, "end_s", k)
+            raise _RowError(error_type, f"{where}: not an object")
+        start, end = _time(u, "start_s", where, error_type), _time(u, "end_s", where, error_type)
         if end <= start:
-            raise _RowError("bad_utterances", f"utterance {k}: end_s {end} is not after start_s {start}")
-        out.append(Utterance(0, start, end, str(u.get("text") or ""), str(u.get("speaker") or "")))
+            raise _RowError(error_type, f"{where}: end_s {end} is not after start_s {start}")
+        yield where, u, start, end
+
+
+def _utterances(value: Any) -> list[Utterance]:
+    out = [Utterance(0, start, end, str(u.get("text") or ""), str(u.get("speaker") or ""))
+           for _, u, start, end in _spans(value, "utterances", "utterance", "bad_utterances")]
     out.sort(key=lambda u: u.start_s)
     for i, u in enumerate(out):
         u.index = i
@@ -310,19 +318,8 @@ def _utterances(value: Any) -> list[Utterance]:
 
 
 def _utterance_labels(value: Any) -> list[dict]:
-    if isinstance(value, _BadRow):
-        raise _RowError("bad_labels", value.message)
-    if not isinstance(value, list):
-        raise _RowError("bad_labels", "utterance_labels must be a list")
-    out = []
-    for k, u in enumerate(value):
-        if not isinstance(u, dict):
-            raise _RowError("bad_labels", f"utterance_labels {k}: not an object")
-        start, end = _time(u, "start_s", k), _time(u, "end_s", k)
-        if end <= start:
-            raise _RowError("bad_labels", f"utterance_labels {k}: end_s {end} is not after start_s {start}")
-        out.append({"start_s": start, "end_s": end, "labels": _labels(u.get("labels"), f"utterance_labels {k}")})
-    return out
+    return [{"start_s": start, "end_s": end, "labels": _labels(u.get("labels"), where)}
+            for where, u, start, end in _spans(value, "utterance_labels", "utterance_labels", "bad_labels")]
 
 
 def _mark_duplicates(entries: list[ManifestEntry]) -> None:
