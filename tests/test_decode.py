@@ -2,10 +2,10 @@
 
 import math
 
-import cv2
 import numpy as np
 import pytest
 
+from media import decode_frames
 from pipeline.decode import DecodeConfig, DecodeError, decode_audio, iter_samples, probe
 from pipeline.synth.corpus import read_jsonl
 
@@ -33,13 +33,7 @@ def test_samples_sit_on_exact_frame_times_with_full_rate_windows(clip):
     samples = list(iter_samples(probe(path), cfg))
     n_frames = truth["n_frames"]
     assert len(samples) == math.ceil((n_frames - 0.5) / 12.5)  # k with round(12.5 k) <= N - 1
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+    frames = decode_frames(path)
     for s in samples:
         n = int(math.floor(s.index * 12.5 + 0.5))
         assert s.pts_s == pytest.approx(n / 25)

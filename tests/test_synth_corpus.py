@@ -6,43 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 
-import cv2
 import numpy as np
 import pytest
 
 from jobs.cli import main
+from media import decode_audio, decode_frames, ffprobe
 from pipeline.faces import DlibFaceDetector
 from pipeline.srt import parse_srt
 from pipeline.synth.corpus import SynthConfig, generate_corpus, read_jsonl
 from pipeline.synth.render import ClipRenderer, FaceRig, Scene
 
 pytestmark = pytest.mark.integration
-
-
-def ffprobe(path):
-    out = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
-                         capture_output=True, check=True, text=True).stdout
-    return json.loads(out)
-
-
-def decode_audio(path, rate=16000):
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "f32le", "-ac", "1", "-ar", str(rate), "-"],
-                         capture_output=True, check=True).stdout
-    return np.frombuffer(raw, np.float32)
-
-
-def decode_frames(path):
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return frames
 
 
 @pytest.fixture(scope="module")
