@@ -200,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_store_summary(store_summary))
     print(f"tables: {out / 'features'}/{{videos,frames,utterances,audio,labels}}/*.parquet")
 
-    print("\nnot yet in the demo (open issues): train (#5), evaluate/infer (#6)")
+    print("\nnot yet in the demo (open issues): training on the demo corpus (#5), evaluate/infer (#6)")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
