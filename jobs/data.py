@@ -17,6 +17,8 @@ of them into padded tensors)::
     face_feat     (F, Df) float32          zeros where no face
     face_delta    (F, Df) float32
     dynamics      (F, Dd) float32          zeros where no face
+    motion_energy (F,) float32             peak whole-face motion around each frame (0 where no face)
+    motion_peak_offset_s (F,) float32      when that peak happens, relative to frame_pts
     audio_feat    (W, Da) float32          audio windows (W may be 0)
     audio_span    (W, 2) float32           start_s, end_s
     utterances    list of {start_s, end_s, text, speaker}
@@ -63,36 +65,47 @@ def iter_samples(store: str | FeatureStore, split: str | None = None, video_ids:
         labels = {r["video_id"]: r for r in tables["labels"].to_pylist()} if tables["labels"].num_rows else {}
         if split is not None:
             wanted = [v for v in wanted if labels.get(v["video_id"], {}).get("split") == split]
-        frames = tables["frames"]
-        g_shape = _field_shape(frames.schema, "global_feat")
-        f_dim = _field_shape(frames.schema, "face_feat")[1]
-        d_dim = _field_shape(frames.schema, "dynamics")[1]
-        a_dim = _field_shape(tables["audio"].schema, "audio_feat")[1]
+        shapes = {"global": _field_shape(tables["frames"].schema, "global_feat"),
+                  "face": _field_shape(tables["frames"].schema, "face_feat")[1],
+                  "dynamics": _field_shape(tables["frames"].schema, "dynamics")[1],
+                  "audio": _field_shape(tables["audio"].schema, "audio_feat")[1]}
         by_video = {name: _group(t) for name, t in tables.items() if name != "labels"}
         for v in wanted:
             vid = v["video_id"]
-            fr = sorted(by_video["frames"].get(vid, []), key=lambda r: r["frame_index"])
-            au = sorted(by_video["audio"].get(vid, []), key=lambda r: r["window_index"])
-            ut = sorted(by_video["utterances"].get(vid, []), key=lambda r: r["utt_index"])
-            lab = labels.get(vid, {})
-            n = len(fr)
-            yield {
-                "video_id": vid,
-                "duration_s": float(v["duration_s"] or 0.0),
-                "split": lab.get("split"),
-                "frame_pts": np.array([r["pts_s"] for r in fr], np.float32),
-                "global_feat": _stack([r["global_feat"] for r in fr], g_shape, n),
-                "face_found": np.array([bool(r["face_found"]) for r in fr], bool),
-                "face_feat": _stack([r["face_feat"] for r in fr], (f_dim,), n),
-                "face_delta": _stack([r["face_feat_delta"] for r in fr], (f_dim,), n),
-                "dynamics": _stack([r["dynamics"] for r in fr], (d_dim,), n),
-                "audio_feat": _stack([r["audio_feat"] for r in au], (a_dim,), len(au)),
-                "audio_span": np.array([[r["start_s"], r["end_s"]] for r in au], np.float32).reshape(-1, 2),
-                "utterances": [{k: r[k] for k in ("start_s", "end_s", "text", "speaker")} for r in ut],
-                "labels": list(lab.get("labels") or []),
-                "description": lab.get("description"),
-                "utterance_labels": list(lab.get("utterance_labels") or []),
-            }
+            yield assemble(v, by_video["frames"].get(vid, []), by_video["audio"].get(vid, []),
+                           by_video["utterances"].get(vid, []), labels.get(vid), shapes)
+
+
+def assemble(video: dict, frames: list[dict], audio: list[dict], utterances: list[dict], label: dict | None,
+             shapes: dict) -> dict:
+    """One sample from one video's rows (store rows, or ``VideoProcessor.process`` output).
+
+    shapes: {"global": (tokens, dim), "face": dim, "dynamics": dim, "audio": dim}.
+    """
+    fr = sorted(frames, key=lambda r: r["frame_index"])
+    au = sorted(audio, key=lambda r: r["window_index"])
+    ut = sorted(utterances, key=lambda r: r["utt_index"])
+    lab = label or {}
+    n = len(fr)
+    return {
+        "video_id": video["video_id"],
+        "duration_s": float(video.get("duration_s") or 0.0),
+        "split": lab.get("split"),
+        "frame_pts": np.array([r["pts_s"] for r in fr], np.float32),
+        "global_feat": _stack([r.get("global_feat") for r in fr], shapes["global"], n),
+        "face_found": np.array([bool(r["face_found"]) for r in fr], bool),
+        "face_feat": _stack([r.get("face_feat") for r in fr], (shapes["face"],), n),
+        "face_delta": _stack([r.get("face_feat_delta") for r in fr], (shapes["face"],), n),
+        "dynamics": _stack([r.get("dynamics") for r in fr], (shapes["dynamics"],), n),
+        "motion_energy": np.array([r.get("motion_energy") or 0.0 for r in fr], np.float32),
+        "motion_peak_offset_s": np.array([r.get("motion_peak_offset_s") or 0.0 for r in fr], np.float32),
+        "audio_feat": _stack([r["audio_feat"] for r in au], (shapes["audio"],), len(au)),
+        "audio_span": np.array([[r["start_s"], r["end_s"]] for r in au], np.float32).reshape(-1, 2),
+        "utterances": [{k: r.get(k) for k in ("start_s", "end_s", "text", "speaker")} for r in ut],
+        "labels": list(lab.get("labels") or []),
+        "description": lab.get("description"),
+        "utterance_labels": list(lab.get("utterance_labels") or []),
+    }
 
 
 def _group(table: pa.Table) -> dict[str, list[dict]]:

@@ -136,7 +136,8 @@ class Collator:
         duration = float(s.get("duration_s") or 0.0) or float(pts.max())
         span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)[audio_idx]
         audio_span = (float(span[:, 0].min()), float(span[:, 1].max())) if len(span) else None
-        user = user_message(utterances, segments, duration, audio_span, cfg.video.clip_qformer.queries,
+        n_video = cfg.video.clip_qformer.queries if cfg.ablations.video else 0
+        user = user_message(utterances, segments, duration, audio_span, n_video,
                             cfg.audio.qformer.queries, cfg.prompt, self.forbidden)
         prompt = render_prompt(self.tok, cfg.prompt.system, user)
         ids, kinds = encode_prompt(self.tok, prompt, placeholder_id=self.pad_id)
@@ -158,7 +159,8 @@ class Collator:
         frame_pts = [np.asarray(s["frame_pts"], np.float64) for s in samples]
         utterances = [sorted_utterances(s.get("utterances") or []) for s in samples]
         segments = [plan_segments([(float(u["start_s"]), float(u["end_s"])) for u in utts], pts, cfg.video)
-                    if cfg.ablations.utterance else [] for utts, pts in zip(utterances, frame_pts)]
+                    if cfg.ablations.utterance and cfg.ablations.video else []
+                    for utts, pts in zip(utterances, frame_pts)]
         windows = [[window_frames(pts, g, cfg.video) for g in segs] for segs, pts in zip(segments, frame_pts)]
         audio_idx = [self.audio_windows(s) for s in samples]
 

@@ -207,6 +207,7 @@ class Ablations:
     utterance: bool = True  # per-utterance video windows (off: whole-clip video tokens only)
     time: bool = True  # continuous seconds embedding on frames and audio windows
     audio: bool = True  # audio Q-Former tokens
+    video: bool = True  # video tokens at all (off, with audio off: the text-only baseline; stage 2 only)
 
 
 @dataclass

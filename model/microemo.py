@@ -43,10 +43,10 @@ class Output:
 @dataclass
 class Encoded:
     """Projected multimodal tokens, in prompt order: video (B, Nv * (1 + S), H), audio (B, Na, H),
-    each with a (B, N) bool mask of the tokens that have placeholders."""
+    each with a (B, N) bool mask of the tokens that have placeholders; None where the branch is off."""
 
-    video: torch.Tensor
-    video_mask: torch.Tensor
+    video: torch.Tensor | None
+    video_mask: torch.Tensor | None
     audio: torch.Tensor | None
     audio_mask: torch.Tensor | None
 
@@ -57,9 +57,9 @@ class MicroEmo(nn.Module):
         self.cfg = cfg
         ab = cfg.ablations
         hidden = cfg.llm.hidden_size
-        self.visual = VisualEncoder(cfg.features, cfg.visual, cfg.time, ab)
-        self.video = UtteranceVideo(cfg.video, self.visual.out_dim, utterance=ab.utterance)
-        self.video_proj = nn.Linear(self.video.out_dim, hidden)
+        self.visual = VisualEncoder(cfg.features, cfg.visual, cfg.time, ab) if ab.video else None
+        self.video = UtteranceVideo(cfg.video, self.visual.out_dim, utterance=ab.utterance) if ab.video else None
+        self.video_proj = nn.Linear(self.video.out_dim, hidden) if ab.video else None
         self.audio = AudioEncoder(cfg.features, cfg.audio, cfg.time, time=ab.time) if ab.audio else None
         self.audio_proj = nn.Linear(self.audio.out_dim, hidden) if ab.audio else None
         self.llm = add_lora(llm, cfg.llm.lora)
@@ -75,7 +75,7 @@ class MicroEmo(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.video_proj.weight.device
+        return self.llm.get_input_embeddings().weight.device
 
     def collator(self, train: bool = True) -> Collator:
         """Collation for this model's config and tokenizer (train=False: prompts only, for generate)."""
@@ -83,28 +83,35 @@ class MicroEmo(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def encode(self, batch: Batch) -> Encoded:
-        frames = self.visual(batch.global_feat, batch.face_feat, batch.face_delta, batch.dynamics, batch.face_found,
-                             batch.frame_pts, batch.frame_mask)
-        video, video_mask = self.video(frames, batch.clip_frames, batch.seg_frames, batch.seg_mask)
-        nv = video.shape[2]
-        video = self.video_proj(video).flatten(1, 2)
-        video_mask = video_mask[..., None].expand(-1, -1, nv).flatten(1)
+        video = video_mask = None
+        if self.visual is not None:
+            video, video_mask = self._encode_video(batch)
         audio = audio_mask = None
         if self.audio is not None:
             audio = self.audio_proj(self.audio(batch.audio_feat, batch.audio_span, batch.audio_mask))
             audio_mask = batch.audio_mask.any(1, keepdim=True).expand(-1, audio.shape[1])
         return Encoded(video, video_mask, audio, audio_mask)
 
+    def _encode_video(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = self.visual(batch.global_feat, batch.face_feat, batch.face_delta, batch.dynamics, batch.face_found,
+                             batch.frame_pts, batch.frame_mask)
+        video, video_mask = self.video(frames, batch.clip_frames, batch.seg_frames, batch.seg_mask)
+        nv = video.shape[2]
+        video = self.video_proj(video).flatten(1, 2)
+        video_mask = video_mask[..., None].expand(-1, -1, nv).flatten(1)
+        return video, video_mask
+
     def inputs_embeds(self, batch: Batch) -> torch.Tensor:
         """Prompt embeddings with placeholders replaced by projected tokens: (B, L, H) in the LLM's dtype."""
         embeds = self.llm.get_input_embeddings()(batch.input_ids)
         enc = self.encode(batch)
-        embeds = _place(embeds, batch.mm_kind == VIDEO, enc.video, enc.video_mask, "video")
-        if enc.audio is not None:
-            embeds = _place(embeds, batch.mm_kind == AUDIO, enc.audio, enc.audio_mask, "audio")
-        elif (batch.mm_kind == AUDIO).any():
-            raise ValueError("the batch has audio placeholders but the audio branch is off "
-                             "(collated with another config?)")
+        for kind, code, tokens, mask in (("video", VIDEO, enc.video, enc.video_mask),
+                                         ("audio", AUDIO, enc.audio, enc.audio_mask)):
+            if tokens is not None:
+                embeds = _place(embeds, batch.mm_kind == code, tokens, mask, kind)
+            elif (batch.mm_kind == code).any():
+                raise ValueError(f"the batch has {kind} placeholders but the {kind} branch is off "
+                                 "(collated with another config?)")
         return embeds
 
     # ------------------------------------------------------------------ training
@@ -144,6 +151,8 @@ class MicroEmo(nn.Module):
             p.requires_grad_(on)
             if on:
                 trainable.append((name, p))
+        if not trainable:
+            raise ValueError(f"stage {stage} has nothing to train (video and audio branches off: train stage 2)")
         return trainable
 
     # ------------------------------------------------------------------ inference

@@ -69,10 +69,13 @@ def user_message(utterances: list[dict], segments: list[Segment], duration_s: fl
     """The user turn with placeholders.
 
     utterances: transcript order (``sorted_utterances``); segments: planned video segments;
-    n_video / n_audio: tokens per video segment / for the audio; audio_span: seconds, or None
+    n_video / n_audio: tokens per video segment (0: no video) / for the audio; audio_span: seconds, or None
     when the clip has no audio tokens.
     """
-    lines = [f"Video of the whole clip ({_span(0.0, duration_s)}): {placeholder('video', n_video)}"]
+    if n_video > 0:
+        lines = [f"Video of the whole clip ({_span(0.0, duration_s)}): {placeholder('video', n_video)}"]
+    else:  # the video branch is off (text-only baseline)
+        lines, segments = ["Video: none."], []
     for seg in segments:
         who = f"utterance {seg.first}" if seg.first == seg.last else f"utterances {seg.first}-{seg.last}"
         lines.append(f"Video of {who} ({_span(seg.start_s, seg.end_s)}): {placeholder('video', n_video)}")

@@ -287,6 +287,21 @@ def test_each_ablation_removes_its_branch_and_keeps_the_interface(switch):
         assert "Audio: none." in batch.prompts[0] and batch.audio_feat.shape[1] == 0
 
 
+def test_text_only_baseline_sees_only_the_transcript():
+    m = build(small_cfg(video=False, audio=False))
+    assert m.visual is None and m.video is None and m.audio is None
+    sample = make_sample("text")
+    batch = m.collator()([sample])
+    assert "Video: none." in batch.prompts[0] and "Audio: none." in batch.prompts[0]
+    assert "Video of" not in batch.prompts[0] and not (batch.mm_kind != 0).any()
+    noisy = dict(sample, global_feat=sample["global_feat"] + 5, face_feat=sample["face_feat"] - 2,
+                 dynamics=sample["dynamics"] * 3, audio_feat=sample["audio_feat"] + 1)
+    assert torch.equal(m(batch).loss, m(m.collator()([noisy])).loss)  # the features cannot matter
+    with pytest.raises(ValueError, match="nothing to train"):
+        m.set_stage(1)
+    assert {n for n, _ in m.set_stage(2)} and all("lora_" in n for n, _ in m.set_stage(2))
+
+
 def test_time_binding_is_what_makes_a_time_shift_visible(model):
     s = make_sample("shift")
     shifted = dict(s, frame_pts=s["frame_pts"] + 3.0, audio_span=s["audio_span"] + 3.0,
