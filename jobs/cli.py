@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 from pathlib import Path
 
 from jobs.config import ConfigError, dump_config, load_config, save_config
@@ -172,36 +171,112 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from jobs.registry import Registry
+    from jobs.retrain import RetrainConfig, RetrainInputError, format_result, retrain
+
+    cfg = _resolve(RetrainConfig, args, {})
+    if args.status:
+        import json
+
+        reg = Registry(cfg.registry, cfg.registry_options)
+        print(json.dumps({"current": reg.current(), "history": reg.history()[-args.status:]}, indent=1))
+        return 0
+    if args.rollback:
+        from jobs.registry import LockHeld
+        from jobs.retrain import rollback
+
+        try:
+            done = rollback(cfg, args.rollback)
+        except (RetrainInputError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+        except LockHeld as exc:
+            print(f"retrain: another run holds the registry lock ({exc}); not rolled back", file=sys.stderr)
+            return 1
+        print(f"retrain: {cfg.registry} now points at {done['model_id']} (was {done['from']})")
+        return 0
+    if cfg.metric == "emer" and importlib.util.find_spec("jobs.evaluate") is None:
+        raise UsageError("metric: emer needs jobs.evaluate, which is not installed; set metric=heldout_loss")
+    try:
+        result = retrain(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except RetrainInputError as exc:
+        raise UsageError(str(exc)) from exc
+    print(format_result(cfg, result))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from jobs.predict import PredictConfig, predict_store
+
+    cfg = _resolve(PredictConfig, args, {"model": args.model, "features": args.features, "split": args.split,
+                                         "out": args.out, "launcher": args.launcher, "address": args.address,
+                                         "workers": args.workers})
+    if args.all_splits:
+        cfg = dataclasses.replace(cfg, split=None)
+    try:
+        s = predict_store(cfg, progress=not args.quiet)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"predictions of model {s['model_id']}: {s['predicted']} new, {s['skipped']} already there, "
+          f"{s['videos']} in all -> {s['predictions']} ({s['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from jobs.evaluate import EvalConfig, evaluate, metrics_table
+
+    cfg = _resolve(EvalConfig, args, {"model": args.model, "features": args.features, "split": args.split,
+                                      "out": args.out, "lexicon": args.lexicon, "groups": args.groups, "by": args.by})
+    if args.launcher:
+        cfg = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, launcher=args.launcher))
+    save_config(cfg, Path(cfg.out) / "config.yaml")
+    try:
+        m = evaluate(cfg, progress=not args.quiet)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from exc
+    rows = {"all clips": m} | {f"{cfg.by}={k}": v for k, v in sorted(((m.get("by") or {}).get(cfg.by) or {}).items())}
+    print(metrics_table(rows))
+    print(f"\nreport: {Path(cfg.out) / 'report.md'}   metrics: {Path(cfg.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import json
+
+    from jobs.infer import InferConfig, InferInputError, infer_video, plot_result
+
+    cfg = _resolve(InferConfig, args, {"device": args.device})
+    try:
+        result = infer_video(args.video, args.model, cfg, srt=args.srt)
+    except (InferInputError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.plot:
+        print(f"timeline: {plot_result(result, args.plot)}", file=sys.stderr)
+    result.pop("_sample", None)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.run import PreprocessConfig, preprocess
-    from pipeline.run import format_summary as format_store_summary
-    from pipeline.synth.corpus import SynthConfig, generate_corpus
-    from pipeline.synth.preview import contact_sheet, format_summary
+    from jobs.demo import DemoConfig, run_demo
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    print(f"[1/2] synth: {args.videos} talking-face clips -> {out / 'corpus'}", file=sys.stderr)
-    cfg = SynthConfig(out=str(out / "corpus"), videos=args.videos, seed=args.seed)
-    save_config(cfg, out / "corpus" / "config.yaml")
-    summary = generate_corpus(cfg, progress=True)
-    sheet = contact_sheet(out / "corpus", out / "corpus_preview.png")
-    print("\n== synthetic corpus ==")
-    print(format_summary(summary))
-    if sheet:
-        print(f"\nmicro-expression preview: {sheet}")
-    print(f"manifest: {out / 'corpus' / 'manifest.jsonl'}   ground truth: {out / 'corpus' / 'truth.jsonl'}")
-
-    print(f"\n[2/2] preprocess: feature store -> {out / 'features'}", file=sys.stderr)
-    pcfg = PreprocessConfig(manifest=str(out / "corpus" / "manifest.jsonl"), out=str(out / "features"))
-    save_config(pcfg, out / "features_config.yaml")
-    store_summary = preprocess(pcfg, progress=True)
-    print("\n== feature store ==")
-    print(format_store_summary(store_summary))
-    print(f"tables: {out / 'features'}/{{videos,frames,utterances,audio,labels}}/*.parquet")
-
-    print("\nnot yet in the demo (open issues): training on the demo corpus (#5), evaluate/infer (#6)")
-    print(f"demo finished in {time.perf_counter() - t0:.1f} s")
+    if args.quick and not args.config and not args.overrides:
+        cfg = DemoConfig.quick(args.out, seed=args.seed or 0)
+        if args.videos:
+            cfg = dataclasses.replace(cfg, videos=args.videos)
+        print(f"# microemo demo: resolved config\n{dump_config(cfg)}", file=sys.stderr, end="")
+    else:
+        cfg = _resolve(DemoConfig, args, {"out": args.out, "videos": args.videos, "seed": args.seed})
+    summary = run_demo(cfg)
+    print("\n== scores (group level; face-only clips in brackets) ==")
+    for name, s in summary["scores"].items():
+        face = f"{s['face_only_score']:.3f} (n={s['face_only_n']})" if s["face_only_score"] is not None else "—"
+        print(f"  {name:<12} score {s['score']:.3f}  accuracy {s['accuracy']:.3f}  recall {s['recall']:.3f}  "
+              f"[face-only {face}]")
+    print(f"\nreport: {summary['report']}")
+    print(f"demo finished in {summary['timings']['total']:.1f} s")
     return 0
 
 
@@ -281,28 +356,95 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a model on a feature-store split", formatter_class=_formatter,
-                       description="EMER metrics (open-vocabulary label overlap, explanation similarity, "
-                                   "per-utterance accuracy) with plots, written to REPORT_DIR.")
+    p = sub.add_parser(
+        "evaluate", help="score a model on a feature-store split (EMER metrics)", formatter_class=_formatter,
+        description="Predict every clip of a split (resumable; kept in DEST/predictions/<model_id>/), then score "
+                    "it the way EMER does: per clip, accuracy |G∩P|/|P| and recall |G∩P|/|G| after grouping "
+                    "synonyms with an emotion lexicon (a packaged emotion wheel, or --lexicon) and sentence-"
+                    "embedding similarity for words outside it; at the lexicon's fine and coarse levels; per "
+                    "utterance where references have them; and a clue-timing score (the share of reference clue "
+                    "times the explanation names). Writes a Markdown report with timelines.",
+        epilog="writes REPORT_DIR/report.md, metrics.json, predictions.jsonl, timelines/*.png, config.yaml\n"
+               "docs: docs/evaluation.md\n\n"
+               "examples:\n  microemo evaluate --model runs/s2 --features fs --split test --out reports/s2\n"
+               "  microemo evaluate --model runs/s2 --features fs --out r --groups corpus/truth.jsonl --by mode\n"
+               "  microemo evaluate --model runs/s2 --features s3://features/v3 --out r --launcher ray "
+               "predict.address=auto predict.workers=8 threshold=0.7")
+    p.add_argument("--model", required=True, metavar="RUN", help="training run directory (or its export/)")
+    p.add_argument("--features", required=True, metavar="DEST", help="feature store (local or s3://)")
+    p.add_argument("--split", default=None, help="split to score (default test)")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="where the report goes")
+    p.add_argument("--lexicon", metavar="FILE", help="your own emotion lexicon JSON (docs/evaluation.md)")
+    p.add_argument("--groups", metavar="FILE", help="JSONL/CSV with video_id and tags, for --by breakdowns")
+    p.add_argument("--by", metavar="TAG", help="break scores down by this tag of --groups (e.g. mode)")
+    p.add_argument("--launcher", choices=("local", "ray"), help="predict in this process (default) or on Ray")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "infer", help="explain the emotions in one video (JSON to stdout)", formatter_class=_formatter,
+        description="Runs the whole chain on one video in this process (no cluster, no feature store): decode, "
+                    "faces, dynamics, encoders, utterances (SRT if given, else speech detection + ASR), then the "
+                    "model. Prints JSON: explanation, clip labels, per-utterance labels with times, estimated "
+                    "micro-events and the times the explanation names.",
+        epilog="exit code 2 when the video cannot be used (missing, corrupt, no video stream ...), with the reason\n\n"
+               "examples:\n  microemo infer clip.mp4 --model runs/s2\n"
+               "  microemo infer clip.mp4 --model runs/s2 --srt clip.srt --plot clip_timeline.png\n"
+               "  microemo infer s3://bucket/clip.mp4 --model runs/s2 'storage_options={anon: false}'")
+    p.add_argument("video", metavar="VIDEO", help="video file (local path or s3://)")
+    p.add_argument("--model", required=True, metavar="RUN", help="training run directory (or its export/)")
+    p.add_argument("--srt", metavar="FILE", help="subtitles with the utterances (default: detect speech + ASR)")
+    p.add_argument("--plot", metavar="PNG", help="also write a timeline picture")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the model runs (default auto)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser(
+        "predict", help="batch prediction over a feature store (Ray)", formatter_class=_formatter,
+        description="Answer every clip of a split with a trained model; Ray actors load the model once and "
+                    "write Parquet parts to DEST/predictions/<model_id>/. Resumable: a rerun predicts only the "
+                    "clips without a committed prediction.",
+        epilog="examples:\n  microemo predict --model runs/s2 --features fs --split test\n"
+               "  microemo predict --model runs/s2 --features s3://features/v3 --all-splits --address auto "
+               "--workers 8 gpus_per_worker=1")
     p.add_argument("--model", required=True, metavar="RUN")
     p.add_argument("--features", required=True, metavar="DEST")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--out", required=True, metavar="REPORT_DIR")
+    p.add_argument("--split", default=None, help="split to predict (default test)")
+    p.add_argument("--all-splits", action="store_true", help="every usable clip")
+    p.add_argument("--out", metavar="DIR", help="prediction table (default DEST/predictions/<model_id>)")
+    p.add_argument("--launcher", choices=("ray", "local"), help="Ray actors (default) or this process")
+    p.add_argument("--address", metavar="RAY", help="existing Ray cluster (default: a local one)")
+    p.add_argument("--workers", type=int, metavar="N", help="actors (default: one per CPU)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_config_args(p)
-    p.set_defaults(func=_not_implemented(6))
+    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("infer", help="explain the emotions in one video (JSON to stdout)", formatter_class=_formatter,
-                       description="Runs the whole chain on one video on this machine; no cluster needed.")
-    p.add_argument("video", metavar="VIDEO")
-    p.add_argument("--model", required=True, metavar="RUN")
-    _add_config_args(p)
-    p.set_defaults(func=_not_implemented(6))
-
-    p = sub.add_parser("retrain", help="scheduled fine-tune, evaluate and promote", formatter_class=_formatter,
-                       description="Finds feature partitions newer than the promoted model, fine-tunes from it, "
-                                   "evaluates on a fixed held-out set and promotes only if not worse.")
-    p.add_argument("--config", required=True, metavar="F")
-    p.set_defaults(func=_not_implemented(7), overrides=[])
+    p = sub.add_parser(
+        "retrain", help="scheduled fine-tune, evaluate and promote", formatter_class=_formatter,
+        description="The scheduled retraining step. Under the registry's lock: finds feature-store shards with "
+                    "training videos that the promoted model was not trained on; if there are none, says so and "
+                    "exits 0. Otherwise fine-tunes stage 2 from the promoted model (stage 1 + 2 from scratch for "
+                    "the first model or with from_scratch=true), scores the candidate and the promoted model on a "
+                    "fixed held-out set, and promotes the candidate only if candidate >= current - margin. "
+                    "Every decision goes to the registry's history. Safe to rerun after a crash at any point.",
+        epilog="config keys: features, registry, work_dir, storage_options, train.* (TrainConfig: preset, model,\n"
+               "max_steps, micro_batch_size, optim.*, zero.*, launcher, num_workers, use_gpu, address),\n"
+               "stage1_max_steps, from_scratch, heldout.split | heldout.video_ids, metric (emer | heldout_loss),\n"
+               "score_opts, margin, lock_ttl_s, keep_checkpoints (docs/operations.md, Scheduled retraining)\n"
+               "registry: current.json, models/<id>/, history.jsonl, attempts/<id>/, lock\n"
+               "exit codes: 0 promoted, rejected, no new data or another run holds the lock; 1 failure;\n"
+               "2 bad config (one line naming the key)\n\n"
+               "examples:\n  microemo retrain --config /etc/microemo/retrain.yaml\n"
+               "  microemo retrain --config retrain.yaml train.max_steps=50 margin=0.01\n"
+               "  microemo retrain --config retrain.yaml --status 20      # pointer + last 20 decisions\n"
+               "  microemo retrain --config retrain.yaml --rollback m20261124T030512Z-1a2b3c4d")
+    p.add_argument("--config", required=True, metavar="F", help="YAML retraining policy (RetrainConfig)")
+    p.add_argument("--status", type=int, nargs="?", const=20, default=None, metavar="N",
+                   help="print the current pointer and the last N history entries (default 20), change nothing")
+    p.add_argument("--rollback", metavar="MODEL_ID", help="point the registry back at an earlier promoted model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override one setting, dotted for nested ones")
+    p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser(
         "import", help="public corpus annotations -> manifest", formatter_class=_formatter,
@@ -338,19 +480,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "split, utterances); repeat or comma-separate")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("demo", help="the whole flow, small, with embedded models", formatter_class=_formatter,
-                       description="Runs every stage that exists on a small synthetic corpus and shows the "
-                                   "results. Needs no downloads.")
+    p = sub.add_parser(
+        "demo", help="the whole flow, small, with embedded models", formatter_class=_formatter,
+        description="Synthetic corpus -> feature store (local Ray) -> stage 1 -> stage 2 -> evaluation of the full "
+                    "model, a text-only baseline and an ablation on the test split -> OUT/report.md (scores side "
+                    "by side, face-only clips separately, loss curves, timelines). Needs no downloads. About 30 "
+                    "minutes on 2 CPU cores; --quick is a smoke run of the same flow (tiny model, minutes).",
+        epilog="examples:\n  microemo demo --out demo_out\n  microemo demo --out demo_quick --quick\n"
+               "  microemo demo --out d models=[full,text_only,no_face,no_audio] stage1_steps=200 videos=120")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--videos", type=int, default=12, metavar="N", help="clips in the demo corpus (default 12)")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--videos", type=int, metavar="N", help="clips in the demo corpus (default 60; --quick 8)")
+    p.add_argument("--seed", type=int, metavar="S", help="corpus seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, few steps, every clip scored")
+    _add_config_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills a trailing nargs="*" positional only before the options that follow the
+    # first positional (``infer VIDEO --model R key=value``): take key=value leftovers here
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.command:

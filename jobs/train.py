@@ -175,13 +175,14 @@ def latest_checkpoint(run: Path) -> str | None:
 
 
 def load_init(model, init_run: str) -> None:
-    """Stage 2 starts from stage 1's exported modules (safetensors, strict names and shapes; no adapter)."""
+    """Stage 2 starts from an export: stage 1's modules (safetensors, strict names and shapes) and, when
+    the export is a stage-2 one (retraining from a promoted model), its LoRA adapter too."""
     from model.weights import MODULES_FILE, load_weights
 
     export_dir = Path(init_run) / "export"
     if not (export_dir / MODULES_FILE).is_file():
         raise FileNotFoundError(f"--init {init_run}: no export/{MODULES_FILE} (did stage 1 finish?)")
-    load_weights(model, export_dir, adapter=False)
+    load_weights(model, export_dir)  # a stage-2 export (retrain) brings its adapter too
 
 
 # ---------------------------------------------------------------------------- the loop

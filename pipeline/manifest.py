@@ -31,6 +31,7 @@ import csv
 import io
 import json
 import math
+import os
 import posixpath
 import re
 from dataclasses import dataclass, field
@@ -210,6 +211,23 @@ class _RowError(Exception):
 
 
 # ---------------------------------------------------------------------------- validation
+
+def single_entry(uri: str, srt: str | None = None, video_id: str | None = None) -> ManifestEntry:
+    """A validated entry for one video given on a command line (id from the file name, made safe).
+
+    Raises ManifestError naming the problem (bad scheme, unsafe SRT path, ...)."""
+    stem = posixpath.basename(str(uri).rstrip("/")).rsplit(".", 1)[0]
+    vid = video_id or (re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:128] or "video")
+    if not vid[0].isalnum():
+        vid = "v" + vid[:127]
+    row: dict[str, Any] = {"video_id": vid.replace("..", "_"), "uri": uri}
+    if srt:
+        row["srt"] = srt
+    entry = _entry(1, row, os.getcwd())
+    if not entry.ok:
+        raise ManifestError(f"{uri}: {entry.error}")
+    return entry
+
 
 def _entry(line: int, row: Any, base: str) -> ManifestEntry:
     placeholder = f"_line{line}"

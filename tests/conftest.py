@@ -110,3 +110,18 @@ def synth_store(corpus, tmp_path_factory):
         if not was_running:
             ray.shutdown()
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synth_store, tmp_path_factory):
+    """A tiny stage-2 run trained for 2 steps in this process on the session store (its RUN dir)."""
+    import os
+
+    from jobs.train import TrainConfig, launch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    run = tmp_path_factory.mktemp("tiny_model") / "run"
+    launch(TrainConfig(stage=2, features=str(synth_store), out=str(run), launcher="local", num_workers=1,
+                       max_steps=2, save_every=2, micro_batch_size=2, split=None,
+                       model={"llm": {"max_new_tokens": 24}}))
+    return run

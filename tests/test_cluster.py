@@ -16,11 +16,23 @@ CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 DOCS = sorted(CLUSTER.rglob("*.yaml"))
 
 
+SHARED = "/mnt/shared"  # where training runs live: a filesystem every node shares
+RUNS_CLAIM = "microemo-runs"
+
+
 def documents():
+    """Every YAML document, plus Kubernetes manifests embedded in a ConfigMap (a RayJob template)."""
     for path in DOCS:
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc is not None:
-                yield path, doc
+            if doc is None:
+                continue
+            yield path, doc
+            if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":
+                for key, text in (doc.get("data") or {}).items():
+                    if key.endswith((".yaml", ".yml")):
+                        inner = yaml.safe_load(text)
+                        if isinstance(inner, dict) and "kind" in inner:
+                            yield path, inner
 
 
 def microemo_commands():
@@ -109,3 +121,82 @@ def test_resources_are_consistent_and_versions_match():
             assert not any(k.startswith("AWS_SECRET") for k in env), f"{path.name}: no baked-in keys"
             checked += 1
     assert checked >= 10
+
+
+def pod_groups(doc):
+    """(group name, pod spec) of the head and every worker group of a RayCluster / RayJob / RayCronJob."""
+    spec = doc.get("spec", {})
+    spec = spec.get("jobTemplate", spec)
+    cluster = spec.get("rayClusterSpec", spec)
+    yield "head", cluster["headGroupSpec"]["template"]["spec"]
+    for g in cluster.get("workerGroupSpecs", []):
+        yield g["groupName"], g["template"]["spec"]
+
+
+def entrypoint_argv(doc):
+    spec = doc.get("spec", {})
+    spec = spec.get("jobTemplate", spec)
+    return shlex.split(spec["entrypoint"]) if "entrypoint" in spec else []
+
+
+def test_training_runs_live_on_the_shared_volume():
+    """`microemo train` writes run directories through the local filesystem from every rank: --out,
+    --init and the retrain work_dir must be on /mnt/shared, mounted from the RWX PVC in every pod
+    of the clusters that train."""
+    parser = build_parser()
+    pvcs = {doc["metadata"]["name"]: doc for _, doc in documents() if doc.get("kind") == "PersistentVolumeClaim"}
+    assert RUNS_CLAIM in pvcs, "cluster/kuberay needs the shared PersistentVolumeClaim"
+    assert pvcs[RUNS_CLAIM]["spec"]["accessModes"] == ["ReadWriteMany"]
+    trainers = 0
+    for path, doc in documents():
+        if doc.get("kind") not in ("RayCluster", "RayJob", "RayCronJob"):
+            continue
+        argv = entrypoint_argv(doc)
+        command = parser.parse_args(argv[1:]).command if argv else None
+        must_mount = doc["kind"] == "RayCluster" or command in ("train", "retrain")
+        for group, pod in pod_groups(doc):
+            volumes = {v["name"]: v for v in pod.get("volumes", [])}
+            mounted = False
+            for c in pod["containers"]:
+                for m in c.get("volumeMounts", []):
+                    assert m["name"] in volumes, f"{path.name}/{group}: volumeMount {m['name']} has no volume"
+                    if m["mountPath"] == SHARED:
+                        claim = volumes[m["name"]].get("persistentVolumeClaim", {}).get("claimName")
+                        assert claim == RUNS_CLAIM, f"{path.name}/{group}: {SHARED} is not PVC {RUNS_CLAIM}"
+                        mounted = True
+            if must_mount:
+                assert mounted, f"{path.name}/{group}: trains or drives training but does not mount {SHARED}"
+        if command == "train":
+            args = parser.parse_args(argv[1:])
+            for flag in ("out", "init"):
+                value = getattr(args, flag)
+                if value is not None:
+                    assert value.startswith(SHARED + "/"), f"{path.name}: --{flag} {value} is not under {SHARED}"
+            from jobs.train import TrainConfig
+
+            cfg = load_config(TrainConfig, None, args.overrides)
+            gpus = sum(int(g.get("replicas", 0)) * int(g.get("rayStartParams", {}).get("num-gpus", 0))
+                       for g in (doc["spec"].get("rayClusterSpec") or {}).get("workerGroupSpecs", []))
+            if gpus:
+                assert args.use_gpu and args.num_workers == gpus, \
+                    f"{path.name}: one rank per GPU ({gpus} GPUs) needs --use-gpu --num-workers {gpus}"
+            assert cfg.preset != "tiny" or not gpus, f"{path.name}: a GPU job training the tiny preset"
+            trainers += 1
+    assert trainers >= 2
+
+    retrain = next(doc for _, doc in documents()
+                   if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"] == "microemo-retrain")
+    assert yaml.safe_load(retrain["data"]["retrain.yaml"])["work_dir"].startswith(SHARED + "/")
+
+
+def test_vm_launcher_mounts_the_shared_filesystem_everywhere():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    init = " ".join(cfg["initialization_commands"])  # on every node, before the container starts
+    assert "mount -t nfs" in init and SHARED in init
+    assert f"--volume {SHARED}:{SHARED}" in cfg["docker"]["run_options"]
+    for name, node in cfg["available_node_types"].items():  # a node type may override both
+        if "initialization_commands" in node:
+            assert SHARED in " ".join(node["initialization_commands"]), name
+        if "docker" in node:
+            opts = node["docker"].get("worker_run_options", []) + node["docker"].get("head_run_options", [])
+            assert any(SHARED in o for o in opts), name

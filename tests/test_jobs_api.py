@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -63,3 +64,19 @@ def test_a_failing_job_reports_failure_through_its_exit_code(jobs_cluster, tmp_p
                  "--out", str(tmp_path / "fs"), "--address", "auto")
     assert res.returncode != 0
     assert "no such manifest" in res.stdout + res.stderr
+
+
+def test_stage1_training_job_through_the_jobs_api(jobs_cluster, synth_store, tmp_path):
+    # two Ray Train ranks, one per node of the fixture's cluster; DeepSpeed on CPU (gloo)
+    run = tmp_path / "s1"
+    res = submit(jobs_cluster, "env", "DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1", str(BIN / "microemo"), "train",
+                 "--stage", "1", "--features", str(synth_store), "--out", str(run), "--launcher", "ray",
+                 "--address", "auto", "--num-workers", "2", "max_steps=2", "save_every=2", "micro_batch_size=1",
+                 "split=null")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    for name in ("export/microemo.safetensors", "export/model_config.json", "config.yaml", "metrics.jsonl",
+                 "checkpoints/latest", "summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["world_size"] == 2
