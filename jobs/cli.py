@@ -67,15 +67,6 @@ def _resolve(cls, args: argparse.Namespace, flags: dict):
     return cfg
 
 
-def _not_implemented(issue: int):
-    def run(args: argparse.Namespace) -> int:
-        print(f"microemo {args.command}: not implemented yet (tracked in issue #{issue}); nothing was done",
-              file=sys.stderr)
-        return 2
-
-    return run
-
-
 # ---------------------------------------------------------------------------- commands
 
 def cmd_synth(args: argparse.Namespace) -> int:
