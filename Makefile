@@ -65,9 +65,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
+# make bench BENCH_ARGS="--quick" (or e.g. "preprocess train"): see docs/benchmarks.md
+BENCH_ARGS ?=
 bench: setup
-	@if [ -f bench/__main__.py ]; then $(BIN)/python -m bench; \
-	else echo "make bench: no benchmarks yet (tracked in issue #8)" >&2; exit 2; fi
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: setup
 	$(PIP) install -q ruff

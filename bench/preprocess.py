@@ -1,106 +1,235 @@
-"""Preprocessing throughput: each stage alone, one process, and Ray with 1 and 2 workers, on the
-same synthetic corpus in one run. Prints sampled frames per second and the ratios that matter:
-how close the pipeline gets to its slowest stage, and how it scales with workers."""
+"""Preprocessing: every stage alone, the Ray pipeline with 1 and 2 workers, the job's peak memory
+at two corpus sizes and Ray's object-store spill, all on the same synthetic corpus in one run.
+
+Stages alone: one process with one thread (the environment of a pipeline worker), one video at
+a time, each stage timed separately with the pipeline's own models (``VideoProcessor``):
+decode (ffprobe + sampled frames + audio), faces (detection, speaker tracking, landmarks on the
+window frames, dynamics, alignment), the frame encoder, the face encoder, the audio encoder,
+and utterances (manifest / SRT / ASR). Every rate is in sampled frames per second: how fast
+the corpus would pass through that stage alone.
+
+Pipeline: each run is one job in a process of its own (``microemo preprocess``'s code path:
+a local Ray started in the job, ``videos_per_shard`` videos per task), whose whole process
+tree (driver, Ray's services, worker actors, their ffmpeg children) is sampled for memory.
+
+Child entry points (run by ``main`` through ``bench.child``)::
+
+    python -m bench.preprocess stages MANIFEST RESULT_JSON
+    python -m bench.preprocess pipeline MANIFEST OUT WORKERS VIDEOS_PER_SHARD RESULT_JSON
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from bench import child, corpus
+from bench.report import Goal, Result
+
+MiB = 1 << 20
 
 
-def _corpus(out: Path, n: int) -> Path:
-    from pipeline.synth.corpus import SynthConfig, generate_corpus
+@dataclass
+class Sizes:
+    videos: int = 20  # corpus for the stages alone and 1 vs 2 workers; the small memory point
+    large: int = 80  # the large memory point
+    videos_per_shard: int = 2  # small tasks: work spreads evenly over 2 workers
 
-    d = out / f"corpus{n}"
-    generate_corpus(SynthConfig(out=str(d), videos=n, seed=123), progress=False)
-    return d
+
+FULL, QUICK = Sizes(), Sizes(videos=4, large=8)
+
+GOAL_SLOWEST = Goal(">=", 0.85)  # pipeline throughput / slowest stage alone
+GOAL_SCALING = Goal(">=", 1.7)  # 2 workers / 1 worker
+GOAL_GROWTH = Goal("<", 15.0)  # % more peak memory at the large corpus than at the small one
+GOAL_SPILL = Goal("<=", 0.0)  # MiB spilled from Ray's object store
+
+STAGES = ("decode", "faces", "frame_encoder", "face_encoder", "audio_encoder", "utterances")
 
 
-def _stages_alone(manifest: Path) -> dict[str, tuple[float, int]]:
-    """Seconds and frames for decode, faces (detect + landmarks + dynamics) and encoders, each
-    timed on its own over the whole corpus, in this process (1 thread)."""
-    from pipeline.decode import DecodeConfig, decode_audio, iter_samples, probe
+# ---------------------------------------------------------------------------- child processes
+
+def stages_alone(manifest: str) -> dict:
+    """Seconds per stage over the whole corpus and the number of sampled frames.
+
+    The first video is run once untimed first (model warm-up: lazy loads, first allocations).
+    """
+    import numpy as np
+    import torch
+
+    from pipeline.decode import decode_audio, iter_samples, probe
     from pipeline.dynamics import face_dynamics
-    from pipeline.encoders import build_encoder
-    from pipeline.faces import DlibFaceDetector, SpeakerTracker, align, alignment_matrix
+    from pipeline.faces import SpeakerTracker, align, alignment_matrix
     from pipeline.manifest import read_manifest
+    from pipeline.process import ProcessConfig, VideoProcessor
+    from pipeline.utterances import utterances_for
 
-    entries = read_manifest(manifest).valid
-    cfg = DecodeConfig()
-    det = DlibFaceDetector()
-    frame_enc, face_enc, audio_enc = (build_encoder(k, None, "cpu") for k in ("frame", "face", "audio"))
-    t = {"decode": 0.0, "faces": 0.0, "encode": 0.0}
-    frames = 0
-    for e in entries:
+    torch.set_num_threads(1)  # as in a pipeline worker
+    cfg = ProcessConfig()
+    proc = VideoProcessor(cfg)
+    fc, batch = cfg.faces, cfg.encoders.batch_size
+
+    def one(entry, t: dict[str, float]) -> int:
         t0 = time.perf_counter()
-        info = probe(e.uri, cfg)
-        samples = list(iter_samples(info, cfg))
-        audio = decode_audio(info, cfg)
-        t["decode"] += time.perf_counter() - t0
-        frames += len(samples)
-        t0 = time.perf_counter()
+        info = probe(entry.uri, cfg.decode)
+        samples = list(iter_samples(info, cfg.decode))
+        audio = decode_audio(info, cfg.decode)
+        t1 = time.perf_counter()
         crops, tracker = [], SpeakerTracker()
         for s in samples:
-            face, _ = tracker.update(det.detect(s.image), (s.image.shape[1], s.image.shape[0]))
+            img = s.image
+            face, _ = tracker.update(proc.detector.detect(img), (img.shape[1], img.shape[0]))
             if face is not None:
-                m = alignment_matrix(face.landmarks)
-                wl = np.stack([det.landmarks(f, face.bbox) for f in s.window])
-                face_dynamics(s.window, s.window_pts_s, s.pts_s, m, face.landmarks, wl)
-                crops.append(align(s.image, m))
-        t["faces"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        frame_enc.encode(np.stack([s.image for s in samples]))
-        if crops:
-            face_enc.encode(np.stack(crops))
-        audio_enc.encode(audio)
-        t["encode"] += time.perf_counter() - t0
-    return {k: (v, frames) for k, v in t.items()}
+                m = alignment_matrix(face.landmarks, fc.crop_size, fc.margin)
+                wl = (np.stack([proc.detector.landmarks(f, face.bbox) for f in s.window])
+                      if fc.window_landmarks else None)
+                face_dynamics(s.window, s.window_pts_s, s.pts_s, m, face.landmarks, wl, fc.crop_size)
+                crops.append(align(img, m, fc.crop_size))
+        t2 = time.perf_counter()
+        images = np.stack([s.image for s in samples])
+        for i in range(0, len(images), batch):
+            proc.frame_encoder.encode(images[i: i + batch])
+        t3 = time.perf_counter()
+        for i in range(0, len(crops), batch):
+            proc.face_encoder.encode(np.stack(crops[i: i + batch]))
+        t4 = time.perf_counter()
+        if audio.size:
+            proc.audio_encoder.encode(audio)
+        t5 = time.perf_counter()
+        utterances_for(entry, audio, cfg.decode.audio_rate, cfg.asr)
+        t6 = time.perf_counter()
+        for k, dt in zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            t[k] += dt
+        return len(samples)
+
+    entries = read_manifest(manifest).valid
+    one(entries[0], dict.fromkeys(STAGES, 0.0))
+    seconds = dict.fromkeys(STAGES, 0.0)
+    frames = sum(one(e, seconds) for e in entries)
+    return {"seconds": seconds, "frames": frames}
 
 
-def _pipeline(manifest: Path, out: Path, workers: int) -> tuple[float, int, dict]:
+def object_store_stats() -> dict:
+    """Spill and use counters of the running Ray cluster (bytes, objects), or {"error": ...}.
+
+    Ray 2.x serves them in the raylet's node-stats reply (``store_stats``), the source of
+    ``ray memory --stats-only``; the call is an internal API, hence the guard.
+    """
+    import ray
+
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        s = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+        return {"spilled_bytes": int(s.spilled_bytes_total), "spilled_objects": int(s.spilled_objects_total),
+                "restored_bytes": int(s.restored_bytes_total), "store_bytes_used": int(s.object_store_bytes_used),
+                "store_bytes_avail": int(s.object_store_bytes_avail)}
+    except Exception as exc:  # noqa: BLE001 - internal API: absent or changed in another Ray version
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def pipeline_job(manifest: str, out: str, workers: int, videos_per_shard: int) -> dict:
+    """Preprocess ``manifest`` into a fresh ``out`` on a local Ray of ``workers`` CPUs; seconds
+    exclude Ray's start (they include starting the actors and loading their models)."""
     import ray
 
     from pipeline.run import PreprocessConfig, preprocess
 
     shutil.rmtree(out, ignore_errors=True)
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a new Ray for this job, never one that `ray start` left running on the machine
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         t0 = time.perf_counter()
-        s = preprocess(PreprocessConfig(manifest=str(manifest), out=str(out), workers=workers, videos_per_shard=2),
-                       progress=False)
-        return time.perf_counter() - t0, s["frames"], s
+        s = preprocess(PreprocessConfig(manifest=manifest, out=out, workers=workers,
+                                        videos_per_shard=videos_per_shard), progress=False)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "frames": s["frames"], "processed": s["processed"], "failed": s["failed"],
+                "status": s["status"], "stage_seconds": s["stage_seconds"], "object_store": object_store_stats()}
     finally:
         ray.shutdown()
 
 
-def main(args) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+# ---------------------------------------------------------------------------- the benchmark
 
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    corpus = _corpus(out, args.videos)
-    manifest = corpus / "manifest.jsonl"
-    print(f"== preprocess benchmark: {args.videos} synthetic clips, {os.cpu_count()} CPUs ==")
-    stages = _stages_alone(manifest)
-    for name, (sec, n) in stages.items():
-        print(f"stage alone  {name:<8} {n / sec:7.1f} frames/s  ({sec:6.1f} s for {n} sampled frames)")
-    serial = sum(sec for sec, _ in stages.values())
-    n = next(iter(stages.values()))[1]
-    slowest = max(stages, key=lambda k: stages[k][0])
-    print(f"stages back to back      {n / serial:7.1f} frames/s (the bound for one worker)")
+def _env() -> dict[str, str]:
+    """A pipeline worker's environment: Ray gives each 1-CPU worker one OpenMP thread."""
+    return dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+
+
+def _pipeline(name: str, manifest: Path, store: Path, workers: int, per_shard: int, logs: Path) -> dict:
+    summary, m = child.run("bench.preprocess", ["pipeline", str(manifest.resolve()), str(store.resolve()),
+                                                str(workers), str(per_shard)], logs, f"pipeline_{name}", _env())
+    top = sorted(m.processes.values(), key=lambda p: -p.peak_rss)[:8]
+    return {**summary, "frames_per_s": summary["frames"] / summary["seconds"], "peak_rss_sum": m.peak_rss_sum,
+            "peak_anon_sum": m.peak_anon_sum, "memory_samples": m.samples, "processes": len(m.processes),
+            "largest_processes_peak_rss_mib": {f"{p.name}[{p.pid}]": round(p.peak_rss / MiB) for p in top}}
+
+
+def main(ctx) -> Result:
+    sizes = QUICK if ctx.quick else FULL
+    res = Result("preprocess", ctx.quick, details={"sizes": asdict(sizes)})
+    out, logs = ctx.out, ctx.out / "logs"
+    small, large = corpus.manifest(out, sizes.videos), corpus.manifest(out, sizes.large)
+    print(f"== preprocess: {sizes.videos} clips (memory also at {sizes.large}), {os.cpu_count()} CPUs ==", flush=True)
+
+    print("   stages alone ...", flush=True)
+    alone, _ = child.run("bench.preprocess", ["stages", str(small.resolve())], logs, "stages_alone", _env())
+    seconds, frames = alone["seconds"], alone["frames"]
+    rates = {k: frames / s for k, s in seconds.items()}
+    res.details["stages_alone"] = {**alone, "frames_per_s": rates}
+    for k in STAGES:
+        res.add(f"stage alone: {k.replace('_', ' ')}", rates[k], "frames/s")
+    slowest = min(rates, key=rates.get)
+    back_to_back = frames / sum(seconds.values())
+
     runs = {}
-    for w in (1, 2):
-        sec, frames, summary = _pipeline(manifest, out / f"fs{w}", w)
-        runs[w] = frames / sec
-        st = summary["stage_seconds"]
-        print(f"ray pipeline {w} worker{'s' if w > 1 else ' '}  {runs[w]:7.1f} frames/s  ({sec:6.1f} s incl. Ray start "
-              f"and model loads; worker stage seconds: decode {st['t_decode_s']:.1f}, faces {st['t_faces_s']:.1f}, "
-              f"encode {st['t_encode_s']:.1f}, audio+asr {st['t_audio_s']:.1f})")
-    print(f"ratio  1-worker pipeline / stages back to back: {runs[1] / (n / serial):.2f}")
-    print(f"ratio  1-worker pipeline / slowest stage alone ({slowest}): {runs[1] / (n / stages[slowest][0]):.2f}")
-    print(f"ratio  2 workers / 1 worker: {runs[2] / runs[1]:.2f} (2 cores; ideal 2.0)")
+    # the 2-worker run on the small corpus writes the store the training benchmark reuses
+    for name, manifest, workers, store in (("w1", small, 1, out / "pipeline_w1"),
+                                           ("w2", small, 2, corpus.store_path(out, sizes.videos)),
+                                           ("w2_large", large, 2, out / f"pipeline_w2_{sizes.large}")):
+        print(f"   pipeline {name}: {workers} worker(s), {manifest.name} ...", flush=True)
+        runs[name] = _pipeline(name, manifest, store, workers, sizes.videos_per_shard, logs)
+    res.details["pipeline"] = runs
+
+    w1, w2 = runs["w1"]["frames_per_s"], runs["w2"]["frames_per_s"]
+    res.add("pipeline, 1 worker", w1, "frames/s")
+    res.add("pipeline, 2 workers", w2, "frames/s")
+    res.add("1-worker pipeline ÷ all stages back to back", w1 / back_to_back, "×",
+            note=f"stages back to back: {back_to_back:.2f} frames/s")
+    res.add(f"1-worker pipeline ÷ slowest stage alone ({slowest.replace('_', ' ')})", w1 / rates[slowest], "×",
+            GOAL_SLOWEST)
+    res.add("2 workers ÷ 1 worker", w2 / w1, "×", GOAL_SCALING)
+    small_run, large_run = runs["w2"], runs["w2_large"]
+    for n, r in ((sizes.videos, small_run), (sizes.large, large_run)):
+        res.add(f"peak RSS of the job (summed over its processes), {n} clips", r["peak_rss_sum"] / MiB, "MiB")
+    res.add(f"memory growth {sizes.videos} → {sizes.large} clips (summed RSS)",
+            100 * (large_run["peak_rss_sum"] / small_run["peak_rss_sum"] - 1), "%", GOAL_GROWTH)
+    res.add(f"private memory growth {sizes.videos} → {sizes.large} clips (summed RssAnon)",
+            100 * (large_run["peak_anon_sum"] / small_run["peak_anon_sum"] - 1), "%")
+    stats = [r["object_store"] for r in runs.values()]
+    broken = [s["error"] for s in stats if "spilled_bytes" not in s]
+    if broken:
+        res.skip("object-store spill", f"Ray's store stats unreadable: {broken[0]}")
+    else:
+        res.add("object-store spill (all runs)", sum(s["spilled_bytes"] for s in stats) / MiB, "MiB", GOAL_SPILL)
+    return res
+
+
+def _child(argv: list[str]) -> int:
+    what, *args, result = argv
+    if what == "stages":
+        child.write_result(result, stages_alone(args[0]))
+    elif what == "pipeline":
+        manifest, out, workers, per_shard = args
+        child.write_result(result, pipeline_job(manifest, out, int(workers), int(per_shard)))
+    else:
+        raise SystemExit(f"unknown child {what!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

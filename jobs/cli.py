@@ -222,8 +222,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                       "out": args.out, "lexicon": args.lexicon, "groups": args.groups, "by": args.by})
     if args.launcher:
         cfg = dataclasses.replace(cfg, predict=dataclasses.replace(cfg.predict, launcher=args.launcher))
-    save_config(cfg, Path(cfg.out) / "config.yaml")
+    from jobs.predict import resolve_model_dir
+
     try:
+        resolve_model_dir(cfg.model)  # before anything is written
+        save_config(cfg, Path(cfg.out) / "config.yaml")
         m = evaluate(cfg, progress=not args.quiet)
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from exc

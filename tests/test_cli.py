@@ -31,18 +31,18 @@ def test_no_command_prints_help_and_is_a_usage_error(capsys):
     assert "usage: microemo" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, issue", [
-    (["evaluate", "--model", "run", "--features", "fs", "--out", "rep"], 6),
-    (["infer", "v.mp4", "--model", "run"], 6),
-    (["retrain", "--config", "r.yaml"], 7),
+@pytest.mark.parametrize("argv, reason", [
+    (["evaluate", "--model", "run", "--features", "fs", "--out", "rep"], "model run: no such directory"),
+    (["infer", "v.mp4", "--model", "run"], "model run: no such directory"),
+    (["retrain", "--config", "r.yaml"], "r.yaml: cannot read config"),
 ])
-def test_unimplemented_commands_say_so_and_exit_2(argv, issue, capsys, tmp_path, monkeypatch):
+def test_missing_inputs_are_one_line_exit_2_and_write_nothing(argv, reason, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     err = capsys.readouterr()
-    assert f"not implemented yet (tracked in issue #{issue})" in err.err
+    assert err.err.strip().splitlines()[-1].startswith(f"microemo {argv[0]}: error:") and reason in err.err
     assert err.out == ""
-    assert list(tmp_path.iterdir()) == []  # no fake output
+    assert list(tmp_path.iterdir()) == []  # no output of any kind
 
 
 def test_bad_config_override_is_one_line_exit_2(capsys, tmp_path):

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,12 @@ def submit(api: str, *entrypoint: str, timeout: float = 400) -> subprocess.Compl
     # Ray 2.60 asks for token authentication on the Jobs API; the local cluster and this client
     # share the token in ~/.ray/auth_token (docs/operations.md: how the token reaches submitters)
     cmd = [str(BIN / "ray"), "job", "submit", "--address", api, "--", *entrypoint]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    for _ in range(30):  # the dashboard agent that takes submissions may still be starting (Ray says: retry)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if res.returncode == 0 or "No available agent to submit job" not in res.stdout + res.stderr:
+            return res
+        time.sleep(2)
+    return res
 
 
 def test_preprocessing_job_through_the_jobs_api(jobs_cluster, corpus, tmp_path):
