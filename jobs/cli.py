@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="the whole flow, small, with embedded models", formatter_class=_formatter,
         description="Synthetic corpus -> feature store (local Ray) -> stage 1 -> stage 2 -> evaluation of the full "
-                    "model, a text-only baseline and an ablation on the test split -> OUT/report.md (scores side "
+                    "model and a text-only baseline (and ablations: models=[...]) on the test split -> OUT/report.md (scores side "
                     "by side, face-only clips separately, loss curves, timelines). Needs no downloads. About 30 "
                     "minutes on 2 CPU cores; --quick is a smoke run of the same flow (tiny model, minutes).",
         epilog="examples:\n  microemo demo --out demo_out\n  microemo demo --out demo_quick --quick\n"

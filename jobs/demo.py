@@ -2,7 +2,7 @@
 
     synth corpus -> preprocess (local Ray) -> stage 1 -> stage 2            (the full model)
                                            -> stage 2, video+audio off      (text-only baseline)
-                                           -> stage 1 -> stage 2, face off  (an ablation)
+                                           -> (optional) ablations, e.g. face stream off
     -> evaluate each on the test split (EMER metrics, broken down by the corpus's channel mode)
     -> OUT/report.md: metrics side by side, deltas against the full model, loss curves, timelines
 
@@ -36,9 +36,9 @@ class DemoConfig:
     videos: int = 60
     seed: int = 0
     preset: str = "embedded"
-    models: list = field(default_factory=lambda: ["full", "text_only", "no_face"])
-    stage1_steps: int = 60
-    stage2_steps: int = 60
+    models: list = field(default_factory=lambda: ["full", "text_only"])  # + no_face, no_utterance, no_audio
+    stage1_steps: int = 40
+    stage2_steps: int = 40
     micro_batch_size: int = 2
     lr: float = 3e-4
     split: str | None = "test"  # scored split (null: every clip)
