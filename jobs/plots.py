@@ -15,6 +15,17 @@ import textwrap
 from pathlib import Path
 
 
+def _save(fig, out_png: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def _short(labels, n: int = 3) -> str:
     labels = list(labels or [])
     return ", ".join(labels[:n]) + (" …" if len(labels) > n else "") if labels else "—"
@@ -77,12 +88,7 @@ def timeline(out_png: str | Path, *, video_id: str, duration_s: float, utterance
                matplotlib.patches.Patch(color="#c05a00", alpha=0.7, label="time named in explanation"),
                matplotlib.lines.Line2D([], [], marker="v", ls="", color="#8e24aa", label="estimated micro-event")]
     bx.legend(handles=handles, fontsize=7, loc="upper right", ncol=3, frameon=False)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out_png)
 
 
 def bar_chart(out_png: str | Path, rows: dict[str, dict[str, float]], title: str) -> Path:
@@ -106,9 +112,4 @@ def bar_chart(out_png: str | Path, rows: dict[str, dict[str, float]], title: str
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _save(fig, out_png)

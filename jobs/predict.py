@@ -162,9 +162,13 @@ class PredictionTable:
             with self.fs.open(p, "rb") as f:
                 for r in pq.read_table(f).to_pylist():
                     old = rows.get(r["video_id"])
-                    if old is None or (r["predicted_at"] or 0) >= (old["predicted_at"] or 0):
+                    if old is None or _when(r) >= _when(old):
                         rows[r["video_id"]] = r
         return [rows[k] for k in sorted(rows)]
+
+
+def _when(row: dict) -> float:
+    return row["predicted_at"].timestamp() if row.get("predicted_at") else 0.0
 
 
 @dataclass
