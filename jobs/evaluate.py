@@ -141,9 +141,14 @@ def evaluate(cfg: EvalConfig, progress: bool = True, matcher=None) -> dict:
 def score_model(model_dir: str, features: str, split: str | None = None, video_ids=None,
                 storage_options: dict | None = None, **opts) -> dict:
     """Metrics of a model on a held-out set (no report files); ``result["score"]`` is the headline
-    (group-level mean of accuracy and recall, higher is better). ``opts``: EvalConfig fields."""
-    cfg = EvalConfig(model=model_dir, features=features, split=split, out="",
-                     video_ids=list(video_ids) if video_ids else None, storage_options=storage_options or {}, **opts)
+    (group-level mean of accuracy and recall, higher is better). ``opts``: EvalConfig fields, nested
+    ones as dicts (``predict={"out": DIR}`` keeps the predictions out of a read-only store)."""
+    from jobs.config import from_dict
+
+    # from_dict: nested options (e.g. {"predict": {"out": DIR}} from a retrain config) become dataclasses
+    cfg = from_dict(EvalConfig, {"model": model_dir, "features": features, "split": split, "out": "",
+                                 "video_ids": list(video_ids) if video_ids else None,
+                                 "storage_options": storage_options or {}, **opts})
     return evaluate(cfg, progress=False)
 
 

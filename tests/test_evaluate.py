@@ -161,3 +161,15 @@ def test_infer_on_a_bad_file_exits_2_with_one_line(tiny_model, bad_inputs, kind,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("microemo infer: error:") and str(bad_inputs[kind].name) in err[-1]
+
+
+def test_score_model_takes_nested_options_and_can_keep_predictions_out_of_the_store(tiny_model, synth_store,
+                                                                                     tmp_path):
+    from jobs.evaluate import score_model
+
+    before = sorted(p.name for p in synth_store.iterdir())
+    m = score_model(str(tiny_model), str(synth_store), video_ids=["syn000000", "syn000001"], embedder=False,
+                    predict={"out": str(tmp_path / "preds"), "max_new_tokens": 8})
+    assert m["n_clips"] == 2 and 0.0 <= m["score"] <= 1.0
+    assert sorted(_rows(str(tmp_path / "preds"))) == ["syn000000", "syn000001"]
+    assert sorted(p.name for p in synth_store.iterdir()) == before  # nothing new in the store
