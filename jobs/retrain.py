@@ -199,12 +199,9 @@ def heldout_loss(model_dir: str | Path, features: str, video_ids: list[str], sto
     import torch
 
     from jobs.data import iter_samples
-    from model.microemo import MicroEmo
-    from model.weights import load_config, load_weights
+    from jobs.predict import load_model
 
-    model = MicroEmo.from_config(load_config(model_dir), device=device)
-    load_weights(model, model_dir)
-    model.eval()
+    model = load_model(model_dir, device)
     collate = model.collator(train=True)
     total, tokens, videos = 0.0, 0, 0
     batch: list[dict] = []
