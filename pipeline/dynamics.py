@@ -8,10 +8,20 @@ enough that the head barely moves), and we measure per facial region:
 - motion energy: mean absolute grey-level change between consecutive aligned frames;
 - landmark motion: mean landmark speed, in crop widths per frame step;
 
-both resampled to ``STEPS`` time steps across the window, plus each region's peak energy and
-the time of that peak relative to the sampled frame. The result is one fixed-size vector
-(``DIM`` values) per frame; ``motion_energy`` is the face's peak energy, a scalar for quick
-queries. Feature differences between consecutive sampled frames are added by the processor.
+- geometry: signed change of ``GEOMETRY`` facial measures (brow heights, brow gap, eye
+  opening, mouth-corner lift, upper-lip height, lip gap, mouth width; distances in inter-ocular
+  units) against the window's median: *which way* the face moved, which the unsigned energy and
+  speed cannot tell (brows up for surprise and down for anger move them equally);
+
+each resampled to ``STEPS`` time steps across the window, plus each region's peak energy, the
+time of that peak relative to the sampled frame, and each measure's largest signed change.
+The result is one fixed-size vector (``DIM`` values) per frame, laid out as::
+
+    energy (4 x STEPS) | landmark speed (4 x STEPS) | peak energy (4) | peak time (4)
+    | geometry change (8 x STEPS) | largest geometry change (8)
+
+``motion_energy`` is the face's peak energy, a scalar for quick queries. Feature differences
+between consecutive sampled frames are added by the processor.
 """
 
 from __future__ import annotations
@@ -26,7 +36,11 @@ from pipeline.faces import REGIONS, transform_points
 STEPS = 10
 ENERGY_REGIONS = ("eyes", "brows", "mouth", "face")
 LANDMARK_REGIONS = ("eyes", "brows", "mouth", "jaw")
-DIM = len(ENERGY_REGIONS) * STEPS + len(LANDMARK_REGIONS) * STEPS + 2 * len(ENERGY_REGIONS)
+GEOMETRY = ("brow_outer", "brow_inner", "brow_gap", "eye_open", "mouth_corner_lift", "upper_lip", "lip_gap",
+            "mouth_width")
+DIM = (len(ENERGY_REGIONS) + len(LANDMARK_REGIONS)) * STEPS + 2 * len(ENERGY_REGIONS) + len(GEOMETRY) * (STEPS + 1)
+GEOMETRY_OFFSET = DIM - len(GEOMETRY) * (STEPS + 1)  # where the geometry block starts
+VERSION = "microemo-dynamics-2"  # the store's encoder id: a new layout makes older stores re-process
 CROP = 96  # pixels; dynamics need shape change, not identity detail
 
 
@@ -47,6 +61,31 @@ def _resample(series: np.ndarray, steps: int = STEPS) -> np.ndarray:
     x = np.linspace(0, 1, k)
     xs = np.linspace(0, 1, steps)
     return np.stack([np.interp(xs, x, row) for row in series]).astype(np.float32)
+
+
+def geometry(landmarks: np.ndarray) -> np.ndarray:
+    """(K, 68, 2) landmarks (y down) -> (K, len(GEOMETRY)) measures in inter-ocular distances.
+
+    Positive means: brows higher above the eyes, brows farther apart, eyes more open, mouth
+    corners higher than the lip centre, upper lip farther below the nose, lips farther apart,
+    mouth wider.
+    """
+    lm = np.asarray(landmarks, np.float64)
+    left, right = lm[:, 36:42].mean(1), lm[:, 42:48].mean(1)
+    iod = np.maximum(np.linalg.norm(right - left, axis=1), 1e-6)
+    eye_y = (left[:, 1] + right[:, 1]) / 2
+    y, x = lm[..., 1], lm[..., 0]
+    g = np.stack([
+        eye_y - y[:, [17, 18, 25, 26]].mean(1),
+        eye_y - y[:, [20, 21, 22, 23]].mean(1),
+        x[:, 22] - x[:, 21],
+        y[:, [40, 41, 46, 47]].mean(1) - y[:, [37, 38, 43, 44]].mean(1),
+        y[:, [51, 57]].mean(1) - y[:, [48, 54]].mean(1),
+        y[:, 51] - y[:, 33],
+        y[:, 57] - y[:, 51],
+        x[:, 54] - x[:, 48],
+    ], axis=1)
+    return (g / iod[:, None]).astype(np.float32)
 
 
 def _region_boxes(landmarks_crop: np.ndarray, size: int) -> dict[str, tuple[int, int, int, int]]:
@@ -88,8 +127,13 @@ def face_dynamics(window: np.ndarray, window_pts_s: np.ndarray, centre_pts_s: fl
         crop_lm = np.stack([transform_points(lm, m) for lm in window_landmarks]) / CROP
         speed = np.linalg.norm(np.diff(crop_lm, axis=0), axis=2)  # (K-1, 68)
         motion = np.stack([speed[:, REGIONS[r]].mean(axis=1) for r in LANDMARK_REGIONS])
+        shape = geometry(crop_lm)
+        change = (shape - np.median(shape, axis=0)).T  # (G, K)
+        extreme = change[np.arange(len(GEOMETRY)), np.abs(change).argmax(axis=1)]
     else:
         motion = np.zeros((len(LANDMARK_REGIONS), max(0, len(window) - 1)), np.float32)
+        change = np.zeros((len(GEOMETRY), 0), np.float32)
+        extreme = np.zeros(len(GEOMETRY), np.float32)
     # each diff sits between two frames: its time is their midpoint
     mid_t = (window_pts_s[1:] + window_pts_s[:-1]) / 2 - centre_pts_s if len(window) > 1 else np.zeros(0)
     if energy.shape[1]:
@@ -99,7 +143,9 @@ def face_dynamics(window: np.ndarray, window_pts_s: np.ndarray, centre_pts_s: fl
     else:
         peaks = np.zeros(len(ENERGY_REGIONS), np.float32)
         peak_t = np.zeros(len(ENERGY_REGIONS), np.float32)
-    vector = np.concatenate([_resample(energy).ravel(), _resample(motion * 100).ravel(), peaks, peak_t])
+    # geometry changes are a few hundredths of an inter-ocular distance: x 10 brings them near unit scale
+    vector = np.concatenate([_resample(energy).ravel(), _resample(motion * 100).ravel(), peaks, peak_t,
+                             _resample(change * 10).ravel(), extreme * 10])
     face_i = ENERGY_REGIONS.index("face")
     return Dynamics(vector.astype(np.float32), float(peaks[face_i]), float(peak_t[face_i]))
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.decode import DecodeConfig, DecodeError, decode_audio, iter_samples, probe
 from pipeline.dynamics import DIM as DYN_DIM
+from pipeline.dynamics import VERSION as DYN_VERSION
 from pipeline.dynamics import face_dynamics
 from pipeline.faces import SpeakerTracker, align, alignment_matrix, build_detector
 from pipeline.manifest import ManifestEntry
@@ -108,7 +109,7 @@ class VideoProcessor:
         return {kind: {"id": e.id, "weight_hash": e.weight_hash, "tokens": e.tokens, "dim": e.dim}
                 for kind, e in (("frame", self.frame_encoder), ("face", self.face_encoder),
                                 ("audio", self.audio_encoder))} | {
-            "faces": {"id": self.detector.name}, "dynamics": {"id": "microemo-dynamics-1", "dim": DYN_DIM}}
+            "faces": {"id": self.detector.name}, "dynamics": {"id": DYN_VERSION, "dim": DYN_DIM}}
 
     def dims(self) -> dict[str, tuple[int, int]]:
         return {"frame": (self.frame_encoder.tokens, self.frame_encoder.dim),

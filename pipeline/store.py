@@ -32,8 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.dynamics import VERSION as DYNAMICS_VERSION
+
 TABLES = ("labels", "utterances", "audio", "frames", "videos")  # commit order: videos last
-PIPELINE_VERSION = "preprocess-1"
+PIPELINE_VERSION = "preprocess-2"  # 2: dynamics gained the signed geometry block
 
 
 def _f16_list(dim: int) -> pa.DataType:
@@ -71,7 +73,7 @@ def schemas(dims: dict[str, tuple[int, int]], encoder_ids: dict[str, str], dyn_d
             ("bbox", pa.list_(pa.float32(), 4)), ("face_score", pa.float32()),
             ("landmarks", pa.list_(pa.float32(), 136)),
             feat("face_feat", "face", ft, fd), feat("face_feat_delta", "face", ft, fd),
-            pa.field("dynamics", _f16_list(dyn_dim), metadata={"encoder": "microemo-dynamics-1", "dim": str(dyn_dim)}),
+            pa.field("dynamics", _f16_list(dyn_dim), metadata={"encoder": DYNAMICS_VERSION, "dim": str(dyn_dim)}),
             ("motion_energy", pa.float32()), ("motion_peak_offset_s", pa.float32()),
         ]),
         "utterances": pa.schema([

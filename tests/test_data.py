@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from jobs.data import iter_samples
+from pipeline.dynamics import DIM as DYN_DIM
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ def test_samples_carry_every_modality_with_consistent_shapes(synth_store, corpus
         n = len(s["frame_pts"])
         assert n > 5 and np.all(np.diff(s["frame_pts"]) > 0)
         assert s["global_feat"].shape == (n, 5, 1280) and s["face_feat"].shape == (n, 128)
-        assert s["dynamics"].shape == (n, 88) and s["face_found"].dtype == bool
+        assert s["dynamics"].shape == (n, DYN_DIM) and s["face_found"].dtype == bool
         assert not s["face_feat"][~s["face_found"]].any()
         assert s["audio_feat"].shape[1] == 384 and s["audio_span"].shape == (len(s["audio_feat"]), 2)
         assert s["labels"] == t["labels"] and s["split"] == t["split"]
