@@ -33,16 +33,20 @@ MODELS = {  # name -> (model overrides, stages)
 @dataclass
 class DemoConfig:
     out: str = "demo_out"
-    videos: int = 60
+    videos: int = 100
     seed: int = 0
     preset: str = "embedded"
     models: list = field(default_factory=lambda: ["full", "text_only"])  # + no_face, no_utterance, no_audio
-    stage1_steps: int = 40
-    stage2_steps: int = 40
+    stage1_steps: int = 60
+    stage2_steps: int = 60
     micro_batch_size: int = 2
-    lr: float = 3e-4
+    stage1_lr: float = 1e-3  # stage 1 trains freshly initialised modules only
+    lr: float = 3e-4  # stage 2 (LoRA + the stage-1 modules)
+    label_weight: float = 3.0  # prompt.label_weight for every model: the label lines' share of the loss
     split: str | None = "test"  # scored split (null: every clip)
-    max_new_tokens: int = 96
+    # a larger test split than the corpus default: the face-only clips in it are the comparison
+    split_ratios: list = field(default_factory=lambda: [0.6, 0.1, 0.3])
+    max_new_tokens: int = 160
     # more face-only clips than the default corpus: they are what the comparison is about
     mode_weights: dict = field(default_factory=lambda: {"all": 0.3, "face_only": 0.4, "voice_only": 0.15,
                                                         "text_only": 0.15})
@@ -67,6 +71,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     from jobs.config import save_config
     from jobs.evaluate import EvalConfig, evaluate
+    from jobs.predict import PredictConfig
     from jobs.train import OptimConfig, TrainConfig, launch
     from pipeline.run import PreprocessConfig, preprocess
     from pipeline.run import format_summary as format_store_summary
@@ -86,7 +91,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         return time.perf_counter()
 
     t = step(1, f"synth: {cfg.videos} talking-face clips -> {out / 'corpus'}")
-    scfg = SynthConfig(out=str(out / "corpus"), videos=cfg.videos, seed=cfg.seed, mode_weights=cfg.mode_weights)
+    scfg = SynthConfig(out=str(out / "corpus"), videos=cfg.videos, seed=cfg.seed, mode_weights=cfg.mode_weights,
+                       split_ratios=tuple(cfg.split_ratios))
     save_config(scfg, out / "corpus" / "config.yaml")
     corpus = generate_corpus(scfg, progress=True)
     sheet = contact_sheet(out / "corpus", out / "corpus_preview.png")
@@ -114,12 +120,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             if run.exists() and not (run / "summary.json").is_file():
                 shutil.rmtree(run)  # an interrupted earlier demo: start this run again
             if not (run / "summary.json").is_file():
+                model = {**overrides, "prompt": {"label_weight": cfg.label_weight}}
                 launch(TrainConfig(stage=stage, features=str(out / "features"), out=str(run),
-                                   init=str(prev) if prev else None, preset=cfg.preset, model=overrides,
+                                   init=str(prev) if prev else None, preset=cfg.preset, model=model,
                                    max_steps=cfg.stage1_steps if stage == 1 else cfg.stage2_steps,
                                    micro_batch_size=cfg.micro_batch_size, save_every=10_000,
                                    split="train" if cfg.split else None, launcher="local", num_workers=1,
-                                   optim=OptimConfig(lr=cfg.lr, warmup_steps=3)))
+                                   optim=OptimConfig(lr=cfg.stage1_lr if stage == 1 else cfg.lr, warmup_steps=3)))
             timings[f"train {name} s{stage}"] = time.perf_counter() - t
             prev = run
         runs[name] = prev
@@ -130,6 +137,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         k += 1
         reports[name] = evaluate(EvalConfig(model=str(run), features=str(out / "features"), split=cfg.split,
                                             out=str(out / "reports" / name), groups=str(out / "corpus" / "truth.jsonl"),
+                                            predict=PredictConfig(launcher="local", max_new_tokens=cfg.max_new_tokens),
                                             by="mode", timelines=3 if name == "full" else 0), progress=True,
                                  ) | {"_run": str(run)}
         timings[f"evaluate {name}"] = time.perf_counter() - t
@@ -157,7 +165,8 @@ def write_demo_report(cfg: DemoConfig, out: Path, reports: dict[str, dict], shee
     full = scores["full"]
     lines = ["# MicroEmo demo", "",
              f"{cfg.videos} synthetic clips, preset `{cfg.preset}`, stage 1 {cfg.stage1_steps} steps, stage 2 "
-             f"{cfg.stage2_steps} steps (micro-batch {cfg.micro_batch_size}), scored on "
+             f"{cfg.stage2_steps} steps (micro-batch {cfg.micro_batch_size}; lr {cfg.stage1_lr:g} / {cfg.lr:g}; "
+             f"label-line loss weight {cfg.label_weight:g}), scored on "
              + (f"the `{cfg.split}` split." if cfg.split else "every clip (train included: a smoke run, not a result)."),
              ""]
     if sheet:

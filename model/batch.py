@@ -12,6 +12,8 @@ Output shapes (B clips; F, W, S, L the batch maxima)::
     seg_frames (B, S, Ws, M) long, seg_mask (B, S) utterance segments' sub-windows' frames, -1 = pad
     input_ids, attention_mask, mm_kind (B, L)       left-padded prompt (+ answer when training)
     labels (B, L)                                  answer token ids, -100 elsewhere (loss on answers only)
+    loss_weights (B, L) or None                    per-token loss weights (``prompt.label_weight`` on the
+                                                   label lines, 1 elsewhere); None when that weight is 1
 
 The prompt lives here (not in the model) because it depends on the data: how many segments
 the clip gets decides how many video placeholders its prompt has.
@@ -25,7 +27,8 @@ import numpy as np
 import torch
 
 from model.config import MicroEmoConfig
-from model.prompt import TEXT, build_target, encode_prompt, render_prompt, sorted_utterances, user_message
+from model.prompt import (TEXT, build_target, encode_prompt, render_prompt, sorted_utterances, split_target,
+                          user_message)
 from model.video import Segment, clip_frames, plan_segments, select_by_time, window_frames
 
 IGNORE = -100
@@ -54,6 +57,7 @@ class Batch:
     prompts: list[str]
     targets: list[str] | None
     segments: list[list[Segment]]
+    loss_weights: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -81,12 +85,12 @@ def _pad_index(rows: list[list[int]], length: int) -> torch.Tensor:
     return out
 
 
-def _left_pad(seqs: list[list[int]], fill: int) -> torch.Tensor:
+def _left_pad(seqs: list[list], fill, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """Left padding: every row ends at the last position, so all answers end together."""
     length = max(len(x) for x in seqs)
-    out = torch.full((len(seqs), length), fill, dtype=torch.long)
+    out = torch.full((len(seqs), length), fill, dtype=dtype)
     for i, x in enumerate(seqs):
-        out[i, length - len(x):] = torch.tensor(x, dtype=torch.long)
+        out[i, length - len(x):] = torch.tensor(x, dtype=dtype)
     return out
 
 
@@ -130,7 +134,7 @@ class Collator:
         return np.asarray(select_by_time(np.arange(len(mid)), mid, float(mid.min()), float(mid.max()), budget), int)
 
     def tokens(self, s: dict, utterances: list[dict], segments: list[Segment], audio_idx: np.ndarray):
-        """(prompt text, ids, position kinds, labels, target text or None) for one sample."""
+        """(prompt text, ids, position kinds, labels, loss weights, target text or None) for one sample."""
         cfg = self.cfg
         pts = np.asarray(s["frame_pts"], np.float64)
         duration = float(s.get("duration_s") or 0.0) or float(pts.max())
@@ -142,15 +146,37 @@ class Collator:
         prompt = render_prompt(self.tok, cfg.prompt.system, user)
         ids, kinds = encode_prompt(self.tok, prompt, placeholder_id=self.pad_id)
         labels = [IGNORE] * len(ids)
+        weights = [1.0] * len(ids)
         target = None
         if self.train:
             target = build_target(s, cfg.prompt)
             answer = [*self.tok(target, add_special_tokens=False).input_ids, self.tok.eos_token_id]
             ids, kinds, labels = ids + answer, kinds + [TEXT] * len(answer), labels + answer
+            weights += self.answer_weights(target, answer)
         if len(ids) > cfg.llm.max_positions:
             raise ValueError(f"sample {s.get('video_id')!r}: {len(ids)} tokens exceed the LLM's "
                              f"{cfg.llm.max_positions} positions")
-        return prompt, ids, kinds, labels, target
+        return prompt, ids, kinds, labels, weights, target
+
+    def answer_weights(self, target: str, answer: list[int]) -> list[float]:
+        """Loss weight per answer token: ``prompt.label_weight`` from the ``Emotions:`` line on (and the
+        end-of-turn token), 1 before it.
+
+        The boundary is where the explanation part's own tokens end, when they are a prefix of the whole
+        answer's tokens (a newline ends a pre-token in the BPE tokenizers we use); otherwise the first
+        token whose decoded prefix reaches the label part.
+        """
+        w = self.cfg.prompt.label_weight
+        if w == 1.0:
+            return [1.0] * len(answer)
+        explanation, _ = split_target(target)
+        head = self.tok(explanation, add_special_tokens=False).input_ids if explanation else []
+        if answer[:len(head)] == head:
+            cut = len(head)
+        else:
+            cut = next((k for k in range(len(answer) + 1)
+                        if len(self.tok.decode(answer[:k], skip_special_tokens=True)) >= len(explanation)), len(answer))
+        return [1.0] * cut + [w] * (len(answer) - cut)
 
     def __call__(self, samples: list[dict]) -> Batch:
         cfg, fd = self.cfg, self.cfg.features
@@ -177,7 +203,7 @@ class Collator:
         clips = [clip_frames(pts, cfg.video) for pts in frame_pts]
 
         encoded = [self.tokens(s, u, g, a) for s, u, g, a in zip(samples, utterances, segments, audio_idx)]
-        prompts, ids, kinds, labels, targets = (list(x) for x in zip(*encoded))
+        prompts, ids, kinds, labels, weights, targets = (list(x) for x in zip(*encoded))
         input_ids = _left_pad(ids, self.pad_id)
 
         def feature(key: str, tail: tuple[int, ...], dtype=np.float32) -> torch.Tensor:
@@ -209,4 +235,6 @@ class Collator:
             prompts=prompts,
             targets=targets if self.train else None,
             segments=segments,
+            loss_weights=(_left_pad(weights, 0.0, torch.float32)
+                          if self.train and cfg.prompt.label_weight != 1.0 else None),
         )

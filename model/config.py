@@ -33,13 +33,13 @@ class FeatureDims:
     """Per-frame and per-window feature sizes the store holds (see docs/feature_store.md).
 
     The defaults are the embedded encoders: MobileNetV2 2x2 grid + pooled (5 x 1280), dlib
-    128-d face descriptor (and its delta), 88 dynamics values, Whisper tiny.en 384-d audio.
+    128-d face descriptor (and its delta), 176 dynamics values, Whisper tiny.en 384-d audio.
     """
 
     global_tokens: int = 5  # Tg: whole-frame tokens per frame
     global_dim: int = 1280  # Dg
     face_dim: int = 128  # Df: face_feat and face_delta
-    dynamics_dim: int = 88  # Dd
+    dynamics_dim: int = 176  # Dd (pipeline.dynamics.DIM)
     audio_dim: int = 384  # Da: one vector per audio window
 
     def __post_init__(self):
@@ -197,6 +197,15 @@ class PromptConfig:
     instruction_utterances: str = " Then write one line per utterance, \"Utterance N (start-end s): emotions\"."
     max_utterance_chars: int = 300  # longer transcript lines are cut (untrusted text, bounded prompt)
     utterance_labels: bool = True  # ask for (and train on) per-utterance label lines
+    # Training loss weight of the answer's label tokens (the "Emotions:" line and the per-utterance lines)
+    # against the explanation's. At 1 every answer token counts the same, and the clip's emotion words are
+    # ~5 of ~100 answer tokens on the synthetic corpus (the label lines are ~25 %, most of it copied
+    # times). The loss stays a weighted mean, so its scale does not change.
+    label_weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.label_weight > 0:
+            raise ValueError(f"prompt.label_weight must be > 0, got {self.label_weight}")
 
 
 @dataclass
@@ -266,7 +275,7 @@ def preset(name: str) -> MicroEmoConfig:
     if name == "paper":
         return MicroEmoConfig(
             name="paper",
-            features=FeatureDims(global_tokens=257, global_dim=1408, face_dim=512, dynamics_dim=88, audio_dim=1024),
+            features=FeatureDims(global_tokens=257, global_dim=1408, face_dim=512, dynamics_dim=176, audio_dim=1024),
             visual=VisualConfig(width=1408, fusion_heads=16, frame_qformer=_q(768, 12, 12, 32, every=2)),
             video=VideoConfig(clip_qformer=_q(768, 2, 12, 32), utterance_qformer=_q(768, 2, 12, 32), max_segments=8,
                               max_window_frames=32, max_clip_frames=96),

@@ -36,7 +36,7 @@ from model.visual import VisualEncoder
 
 @dataclass
 class Output:
-    loss: torch.Tensor  # mean cross-entropy over answer tokens (nats per token)
+    loss: torch.Tensor  # mean cross-entropy over answer tokens (nats per token; weighted: prompt.label_weight)
     answer_tokens: int
 
 
@@ -134,7 +134,13 @@ class MicroEmo(nn.Module):
                        position_ids=_positions(batch.attention_mask), use_cache=False, **extra)
         logits = out.logits[:, -keep:-1].float()
         target = labels[:, first:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        if batch.loss_weights is None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+        else:  # weighted mean over answer tokens (prompt.label_weight on the label lines)
+            per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                        ignore_index=IGNORE, reduction="none")
+            w = (batch.loss_weights[:, first:].to(per_token.dtype) * (target != IGNORE)).reshape(-1)
+            loss = (per_token * w).sum() / w.sum()
         return Output(loss=loss, answer_tokens=int((target != IGNORE).sum()))
 
     def set_stage(self, stage: int) -> list[tuple[str, nn.Parameter]]:

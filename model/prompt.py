@@ -188,6 +188,15 @@ def build_target(sample: dict, cfg: PromptConfig) -> str:
     return format_answer(description, labels or ["unknown"], per_utt)
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """(explanation part, label part) of a ``format_answer`` text: the label part starts at the
+    ``Emotions:`` line (the explanation part keeps the newline before it)."""
+    at = target.rfind("\nEmotions: ")
+    if at < 0:
+        return ("", target) if target.startswith("Emotions: ") else (target, "")
+    return target[:at + 1], target[at + 1:]
+
+
 _EMOTIONS = re.compile(r"^[\s>*#_-]*emotions?(?:\s+labels?)?[\s*_]*[:：=-]\s*(.*)$", re.IGNORECASE)
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+(.*)$")
 _UTTERANCE = re.compile(

@@ -18,7 +18,8 @@ import torch
 
 from model import MicroEmo, count_parameters, parse_answer, preset
 from model.batch import IGNORE
-from model.config import FeatureDims, MicroEmoConfig, QFormerConfig, TimeConfig, VideoConfig, config_from_dict, to_dict
+from model.config import (FeatureDims, MicroEmoConfig, PromptConfig, QFormerConfig, TimeConfig, VideoConfig,
+                          config_from_dict, to_dict)
 from model.prompt import (TEXT, VIDEO, UtteranceAnswer, build_target, clean_text, encode_prompt, format_answer,
                           placeholder, split_labels)
 from model.qformer import QFormer
@@ -360,6 +361,42 @@ def test_loss_is_on_answer_tokens_only(model):
     assert answer[-1] == model.tokenizer.eos_token_id
     first = int((b.labels[0] != IGNORE).nonzero()[0])
     assert (b.mm_kind[0, first:] == TEXT).all() and (b.labels[0, :first] == IGNORE).all()
+
+
+def test_label_weight_weights_the_label_lines_and_keeps_a_weighted_mean():
+    """prompt.label_weight = w: tokens from the "Emotions:" line on (and end-of-turn) weigh w, the
+    explanation's weigh 1, and the loss is the weighted mean of per-token cross-entropy; at 1 no
+    weights are made and the loss is the plain mean."""
+    import torch.nn.functional as F
+
+    cfg = small_cfg()
+    cfg.prompt.label_weight = 4.0
+    m = build(cfg)
+    s = make_sample("w")
+    b = m.collator()([s, make_sample("w2", n_frames=8, utterances=((0.5, 2.0),), seed=1)])
+    answer = b.labels[0] != IGNORE
+    heavy = b.loss_weights[0] == 4.0
+    assert (heavy <= answer).all() and ((b.loss_weights[0] == 1.0) | heavy)[answer].all()
+    text = m.tokenizer.decode(b.input_ids[0][heavy][:-1])
+    assert text.startswith("Emotions: happy, joyful\nUtterance 1") and b.targets[0].endswith(text)
+    assert b.input_ids[0][heavy][-1] == m.tokenizer.eos_token_id
+
+    with torch.no_grad():
+        loss = m(b).loss
+        plain = build(small_cfg())(dataclasses.replace(b, loss_weights=None)).loss
+        # the same numbers by hand: per-token cross-entropy of the answers, weighted
+        emb = m.inputs_embeds(b)
+        logits = m.llm(inputs_embeds=emb, attention_mask=b.attention_mask,
+                       position_ids=(b.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, :-1].float()
+        target, w = b.labels[:, 1:], b.loss_weights[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                             reduction="none").reshape(target.shape)
+        mask = target != IGNORE
+    assert torch.allclose(loss, (ce * w * mask).sum() / (w * mask).sum(), atol=1e-5)
+    assert torch.allclose(plain, ce[mask].mean(), atol=1e-5) and not torch.allclose(loss, plain, atol=1e-3)
+    assert build(small_cfg()).collator()([s]).loss_weights is None
+    with pytest.raises(ValueError, match="label_weight"):
+        PromptConfig(label_weight=0)
 
 
 def test_collate_names_the_field_whose_dims_disagree_with_the_config(model):
