@@ -16,6 +16,12 @@ A Ray job started with ``ray.init(address="local")`` is one tree: the driver sta
 ``raylet`` and Ray's agents, and the raylet starts the worker processes (actors), which start
 ``ffmpeg``. A torchrun job is the launcher, its elastic agent and the rank processes.
 
+CPU time is sampled alongside (``/proc/PID/stat`` through psutil): each process's own user +
+system seconds (the last value seen; a process that exits between two samples loses at most one
+interval) and the seconds of the children it has reaped. ``cpu_seconds()`` groups them by
+process: the pipeline workers' short-lived ``ffmpeg``/``ffprobe`` children are counted through
+their parent's reaped-children time (exact), not sampled.
+
 A child that still shows its parent's command line has not exec'd yet (``subprocess`` forks or
 vforks, then execs): its RSS is its parent's pages, so it is left out of that sample (counting
 it would double the parent, and inflate the peak with every ffmpeg a worker starts).
@@ -36,6 +42,8 @@ class ProcessPeak:
     cmdline: str
     rank: int | None  # the RANK environment variable (torch.distributed ranks), when set
     peak_rss: int = 0  # bytes: VmHWM where readable, else the largest sampled RSS
+    cpu_s: float = 0.0  # own user + system seconds, last seen
+    children_cpu_s: float = 0.0  # user + system seconds of the children it reaped, last seen
 
 
 @dataclass
@@ -44,6 +52,27 @@ class TreeMemory:
     peak_anon_sum: int = 0  # bytes: the largest sum of RssAnon (private anonymous memory)
     samples: int = 0
     processes: dict[int, ProcessPeak] = field(default_factory=dict)
+    root_pid: int | None = None
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds by kind of process: ``driver`` (the root), ``ray worker`` (``ray::`` processes:
+        actors, tasks, idle workers), ``ffmpeg`` (reaped children of the Ray workers: decoders),
+        Ray's own services by name (``raylet``, ``gcs_server``, agents), ``other``."""
+        out: dict[str, float] = {}
+        for p in self.processes.values():
+            if p.name.startswith(("ffmpeg", "ffprobe")):
+                continue  # counted through the parent's reaped-children time
+            if p.pid == self.root_pid:
+                kind = "driver"
+            elif p.name.startswith("ray::") or "default_worker.py" in p.cmdline:
+                kind = "ray worker"
+                out["ffmpeg"] = out.get("ffmpeg", 0.0) + p.children_cpu_s
+            elif p.name in ("raylet", "gcs_server") or "ray" in p.name.lower() or "/ray/" in p.cmdline:
+                kind = p.name if p.name in ("raylet", "gcs_server") else "ray services"
+            else:
+                kind = "other"
+            out[kind] = out.get(kind, 0.0) + p.cpu_s
+        return out
 
     def ranks(self) -> dict[int, int]:
         """Peak RSS (bytes) per torch.distributed rank seen in the tree."""
@@ -64,7 +93,7 @@ class TreeSampler:
         self.root = psutil.Process(pid)
         self.interval_s = interval_s
         self.include_root = include_root
-        self.memory = TreeMemory()
+        self.memory = TreeMemory(root_pid=self.root.pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="bench-memory")
 
@@ -107,7 +136,11 @@ class TreeSampler:
                 known = self.memory.processes.get(p.pid)
                 if known is None or known.rank is None:  # the environment is read once a rank is found
                     known = self.memory.processes[p.pid] = ProcessPeak(
-                        p.pid, p.name(), " ".join(cmd)[:300], _rank(p), known.peak_rss if known else 0)
+                        p.pid, p.name(), " ".join(cmd)[:300], _rank(p), known.peak_rss if known else 0,
+                        known.cpu_s if known else 0.0, known.children_cpu_s if known else 0.0)
+                t = p.cpu_times()
+                known.cpu_s = max(known.cpu_s, t.user + t.system)
+                known.children_cpu_s = max(known.children_cpu_s, t.children_user + t.children_system)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ProcessLookupError):
                 continue
             rss_sum += rss

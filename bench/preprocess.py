@@ -1,8 +1,8 @@
 """Preprocessing: every stage alone, the Ray pipeline with 1 and 2 workers, the job's peak memory
 at two corpus sizes and Ray's object-store spill, all on the same synthetic corpus in one run.
 
-Stages alone: one process with one thread (the environment of a pipeline worker), one video at
-a time, each stage timed separately with the pipeline's own models (``VideoProcessor``):
+Stages alone: one process with one compute thread in every library (the environment of a
+1-CPU pipeline worker, ``ProcessConfig.threads``), one video at a time, each stage timed separately with the pipeline's own models (``VideoProcessor``):
 decode (ffprobe + sampled frames + audio), faces (detection, speaker tracking, landmarks on the
 window frames, dynamics, alignment), the frame encoder, the face encoder, the audio encoder,
 and utterances (manifest / SRT / ASR). Every rate is in sampled frames per second: how fast
@@ -10,12 +10,16 @@ the corpus would pass through that stage alone.
 
 Pipeline: each run is one job in a process of its own (``microemo preprocess``'s code path:
 a local Ray started in the job, ``videos_per_shard`` videos per task), whose whole process
-tree (driver, Ray's services, worker actors, their ffmpeg children) is sampled for memory.
+tree (driver, Ray's services, worker actors, their ffmpeg children) is sampled for memory and
+CPU time. The 1- and 2-worker runs are made twice: with each worker's libraries capped at the
+CPUs it reserved (``threads=0``, the default) and with the libraries' own defaults
+(``threads=-1``: OpenCV, CTranslate2 and ffmpeg start a thread per core in every worker), the
+setting before the cap existed.
 
 Child entry points (run by ``main`` through ``bench.child``)::
 
     python -m bench.preprocess stages MANIFEST RESULT_JSON
-    python -m bench.preprocess pipeline MANIFEST OUT WORKERS VIDEOS_PER_SHARD RESULT_JSON
+    python -m bench.preprocess pipeline MANIFEST OUT WORKERS VIDEOS_PER_SHARD THREADS RESULT_JSON
 """
 
 from __future__ import annotations
@@ -58,7 +62,6 @@ def stages_alone(manifest: str) -> dict:
     The first video is run once untimed first (model warm-up: lazy loads, first allocations).
     """
     import numpy as np
-    import torch
 
     from pipeline.decode import decode_audio, iter_samples, probe
     from pipeline.dynamics import face_dynamics
@@ -67,9 +70,8 @@ def stages_alone(manifest: str) -> dict:
     from pipeline.process import ProcessConfig, VideoProcessor
     from pipeline.utterances import utterances_for
 
-    torch.set_num_threads(1)  # as in a pipeline worker
-    cfg = ProcessConfig()
-    proc = VideoProcessor(cfg)
+    proc = VideoProcessor(ProcessConfig(), threads=1)  # as in a 1-CPU pipeline worker
+    cfg = proc.cfg  # with the thread cap in its decode settings
     fc, batch = cfg.faces, cfg.encoders.batch_size
 
     def one(entry, t: dict[str, float]) -> int:
@@ -131,11 +133,12 @@ def object_store_stats() -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
-def pipeline_job(manifest: str, out: str, workers: int, videos_per_shard: int) -> dict:
+def pipeline_job(manifest: str, out: str, workers: int, videos_per_shard: int, threads: int = 0) -> dict:
     """Preprocess ``manifest`` into a fresh ``out`` on a local Ray of ``workers`` CPUs; seconds
     exclude Ray's start (they include starting the actors and loading their models)."""
     import ray
 
+    from pipeline.process import ProcessConfig
     from pipeline.run import PreprocessConfig, preprocess
 
     shutil.rmtree(out, ignore_errors=True)
@@ -144,8 +147,8 @@ def pipeline_job(manifest: str, out: str, workers: int, videos_per_shard: int) -
              configure_logging=False)
     try:
         t0 = time.perf_counter()
-        s = preprocess(PreprocessConfig(manifest=manifest, out=out, workers=workers,
-                                        videos_per_shard=videos_per_shard), progress=False)
+        s = preprocess(PreprocessConfig(manifest=manifest, out=out, workers=workers, videos_per_shard=videos_per_shard,
+                                        process=ProcessConfig(threads=threads)), progress=False)
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "frames": s["frames"], "processed": s["processed"], "failed": s["failed"],
                 "status": s["status"], "stage_seconds": s["stage_seconds"], "object_store": object_store_stats()}
@@ -160,12 +163,15 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
 
 
-def _pipeline(name: str, manifest: Path, store: Path, workers: int, per_shard: int, logs: Path) -> dict:
+def _pipeline(name: str, manifest: Path, store: Path, workers: int, per_shard: int, logs: Path,
+              threads: int = 0) -> dict:
     summary, m = child.run("bench.preprocess", ["pipeline", str(manifest.resolve()), str(store.resolve()),
-                                                str(workers), str(per_shard)], logs, f"pipeline_{name}", _env())
+                                                str(workers), str(per_shard), str(threads)], logs, f"pipeline_{name}",
+                           _env())
     top = sorted(m.processes.values(), key=lambda p: -p.peak_rss)[:8]
     return {**summary, "frames_per_s": summary["frames"] / summary["seconds"], "peak_rss_sum": m.peak_rss_sum,
             "peak_anon_sum": m.peak_anon_sum, "memory_samples": m.samples, "processes": len(m.processes),
+            "cpu_seconds": {k: round(v, 2) for k, v in sorted(m.cpu_seconds().items(), key=lambda kv: -kv[1])},
             "largest_processes_peak_rss_mib": {f"{p.name}[{p.pid}]": round(p.peak_rss / MiB) for p in top}}
 
 
@@ -188,11 +194,17 @@ def main(ctx) -> Result:
 
     runs = {}
     # the 2-worker run on the small corpus writes the store the training benchmark reuses
-    for name, manifest, workers, store in (("w1", small, 1, out / "pipeline_w1"),
-                                           ("w2", small, 2, corpus.store_path(out, sizes.videos)),
-                                           ("w2_large", large, 2, out / f"pipeline_w2_{sizes.large}")):
-        print(f"   pipeline {name}: {workers} worker(s), {manifest.name} ...", flush=True)
-        runs[name] = _pipeline(name, manifest, store, workers, sizes.videos_per_shard, logs)
+    for name, manifest, workers, store, threads in (
+            ("w1", small, 1, out / "pipeline_w1", 0),
+            ("w2", small, 2, corpus.store_path(out, sizes.videos), 0),
+            ("w1_lib_threads", small, 1, out / "pipeline_w1_lib", -1),
+            ("w2_lib_threads", small, 2, out / "pipeline_w2_lib", -1),
+            ("w2_large", large, 2, out / f"pipeline_w2_{sizes.large}", 0)):
+        print(f"   pipeline {name}: {workers} worker(s), {manifest.name}, threads={threads} ...", flush=True)
+        runs[name] = _pipeline(name, manifest, store, workers, sizes.videos_per_shard, logs, threads)
+        runs[name]["cpu_cores_busy"] = sum(runs[name]["cpu_seconds"].values()) / runs[name]["seconds"]
+        print(f"     {runs[name]['frames_per_s']:.2f} frames/s; CPU seconds by process: {runs[name]['cpu_seconds']}",
+              flush=True)
     res.details["pipeline"] = runs
 
     w1, w2 = runs["w1"]["frames_per_s"], runs["w2"]["frames_per_s"]
@@ -203,6 +215,15 @@ def main(ctx) -> Result:
     res.add(f"1-worker pipeline ÷ slowest stage alone ({slowest.replace('_', ' ')})", w1 / rates[slowest], "×",
             GOAL_SLOWEST)
     res.add("2 workers ÷ 1 worker", w2 / w1, "×", GOAL_SCALING)
+    for name in ("w1", "w2"):
+        r = runs[name]
+        res.add(f"cores busy, {name[1]} worker(s) (CPU seconds of the job ÷ wall seconds)", r["cpu_cores_busy"], "cores",
+                note=", ".join(f"{k} {v:.0f} s" for k, v in r["cpu_seconds"].items() if v >= 0.5))
+    lw1, lw2 = runs["w1_lib_threads"]["frames_per_s"], runs["w2_lib_threads"]["frames_per_s"]
+    res.add("before the thread cap (libraries' default threads): pipeline, 1 worker", lw1, "frames/s")
+    res.add("before the thread cap (libraries' default threads): pipeline, 2 workers", lw2, "frames/s")
+    res.add("before the thread cap: 2 workers ÷ 1 worker", lw2 / lw1, "×")
+    res.add("2 workers, capped ÷ libraries' default threads", w2 / lw2, "×")
     small_run, large_run = runs["w2"], runs["w2_large"]
     for n, r in ((sizes.videos, small_run), (sizes.large, large_run)):
         res.add(f"peak RSS of the job (summed over its processes), {n} clips", r["peak_rss_sum"] / MiB, "MiB")
@@ -224,8 +245,8 @@ def _child(argv: list[str]) -> int:
     if what == "stages":
         child.write_result(result, stages_alone(args[0]))
     elif what == "pipeline":
-        manifest, out, workers, per_shard = args
-        child.write_result(result, pipeline_job(manifest, out, int(workers), int(per_shard)))
+        manifest, out, workers, per_shard, threads = args
+        child.write_result(result, pipeline_job(manifest, out, int(workers), int(per_shard), int(threads)))
     else:
         raise SystemExit(f"unknown child {what!r}")
     return 0

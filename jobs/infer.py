@@ -55,7 +55,7 @@ def infer_video(video: str, model: str, cfg: InferConfig | None = None, srt: str
         raise InferInputError(str(exc)) from exc
 
     t0 = time.perf_counter()
-    processor = VideoProcessor(cfg.process, cfg.storage_options)
+    processor = VideoProcessor(cfg.process, cfg.storage_options, threads=max(cfg.process.threads, 0))
     rows = processor.process(entry, shard="infer", chash=config_hash({}))
     v = rows["videos"]
     if v["status"] == "error":

@@ -43,6 +43,7 @@ class DecodeConfig:
     max_duration_s: float = 3 * 3600.0
     max_pixels: int = 3840 * 2160
     max_bytes: int = 8 * 1024**3
+    threads: int = 0  # ffmpeg decoding and filter threads; 0 = ffmpeg's default (about one per core)
 
     def __post_init__(self):
         if not 0 < self.sample_fps <= 60:
@@ -188,6 +189,11 @@ class _Watchdog:
         self._timer.cancel()
 
 
+def _threads(cfg: DecodeConfig) -> list[str]:
+    """ffmpeg options for ``cfg.threads`` (global filter threads, then the input's decoder threads)."""
+    return ["-filter_threads", str(cfg.threads), "-threads", str(cfg.threads)] if cfg.threads > 0 else []
+
+
 def iter_samples(info: VideoInfo, cfg: DecodeConfig = DecodeConfig()) -> Iterator[SampledFrame]:
     """Stream sampled frames (with their full-rate windows) of a probed video."""
     if not info.has_video:
@@ -196,8 +202,8 @@ def iter_samples(info: VideoInfo, cfg: DecodeConfig = DecodeConfig()) -> Iterato
     w, h = info.scaled_size(cfg.max_side)
     half = int(round(cfg.window_s / 2 * fps))
     frame_bytes = w * h * 3
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-protocol_whitelist", PROTOCOLS, "-format_whitelist", DEMUXERS,
-           "-i", "file:" + info.path, "-map", "0:v:0", "-an", "-sn", "-dn",
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", *_threads(cfg), "-protocol_whitelist", PROTOCOLS,
+           "-format_whitelist", DEMUXERS, "-i", "file:" + info.path, "-map", "0:v:0", "-an", "-sn", "-dn",
            "-vf", f"fps={fps:.6f},scale={w}:{h}:flags=area", "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1"]
     # stderr to a file, not a pipe: a damaged file can make ffmpeg log more than a pipe
     # buffer holds, and it would then block while we block reading frames.
@@ -261,8 +267,8 @@ def decode_audio(info: VideoInfo, cfg: DecodeConfig = DecodeConfig()) -> np.ndar
     """The first audio stream as float32 mono at ``cfg.audio_rate`` Hz (empty without audio)."""
     if not info.has_audio:
         return np.zeros(0, np.float32)
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-protocol_whitelist", PROTOCOLS, "-format_whitelist", DEMUXERS,
-           "-i", "file:" + info.path, "-map", "0:a:0", "-vn", "-sn", "-dn",
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", *_threads(cfg), "-protocol_whitelist", PROTOCOLS,
+           "-format_whitelist", DEMUXERS, "-i", "file:" + info.path, "-map", "0:a:0", "-vn", "-sn", "-dn",
            "-ac", "1", "-ar", str(cfg.audio_rate), "-f", "f32le", "pipe:1"]
     proc = _run(cmd, cfg.timeout_s, "audio decoding")
     if proc.returncode != 0 and not proc.stdout:

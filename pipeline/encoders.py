@@ -535,6 +535,7 @@ class WhisperAudioEncoder:
                     log.warning("device %r requested but CUDA is not available; using the CPU", device)
                 device = "cpu"
         self.device = device
+        self.cpu_threads = cpu_threads  # CTranslate2 intra_threads; 0 = its default
         self.model = ctranslate2.models.Whisper(
             str(local), device=device, device_index=device_index,
             compute_type=compute_type or ("float16" if device == "cuda" else "float32"), intra_threads=cpu_threads)

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,6 +54,11 @@ class EncodersConfig:
 
 @dataclass
 class ProcessConfig:
+    # CPU threads for each worker's libraries (torch, OpenCV, CTranslate2, ffmpeg). 0 = automatic: a Ray
+    # worker uses the CPUs it reserved (cpus_per_worker, at least 1), in-process use (infer) the libraries'
+    # defaults; -1 = the libraries' defaults everywhere (each may start one thread per core: workers that
+    # share a machine then oversubscribe it); n > 0 = n.
+    threads: int = 0
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     faces: FacesConfig = field(default_factory=FacesConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
@@ -90,20 +95,49 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-class VideoProcessor:
-    """Holds the models; ``process(entry)`` returns every row of one video."""
+def limit_threads(n: int) -> None:
+    """Cap this process's compute threads at ``n`` (n <= 0: leave the libraries' defaults).
 
-    def __init__(self, cfg: ProcessConfig, storage_options: dict | None = None):
+    torch's intra-op pool and OpenCV's pool are process-wide; CTranslate2 (the audio encoder) and
+    ffmpeg take theirs from ``VideoProcessor`` (``DecodeConfig.threads``, ``cpu_threads``).
+    """
+    if n <= 0:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(n)  # libraries that start OpenMP later
+    import cv2
+
+    cv2.setNumThreads(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:  # pragma: no cover - torch is a dependency; kept for a lean worker image
+        pass
+
+
+class VideoProcessor:
+    """Holds the models; ``process(entry)`` returns every row of one video.
+
+    ``threads`` > 0 caps every library's compute threads (``limit_threads``, ffmpeg's
+    ``-threads``, CTranslate2's ``intra_threads``); 0 leaves their defaults.
+    """
+
+    def __init__(self, cfg: ProcessConfig, storage_options: dict | None = None, threads: int = 0):
         from pipeline.encoders import build_encoder
 
+        if threads > 0:
+            limit_threads(threads)
+            cfg = replace(cfg, decode=replace(cfg.decode, threads=threads))
         self.cfg = cfg
+        self.threads = threads
         self.storage_options = storage_options or {}
         device = resolve_device(cfg.encoders.device)
         self.detector = build_detector(cfg.faces.backend, cfg.faces.model_dir, cfg.faces.upsample)
         opts = {"storage_options": self.storage_options}
         self.frame_encoder = build_encoder("frame", cfg.encoders.frame, device, **opts)
         self.face_encoder = build_encoder("face", cfg.encoders.face, device)  # weights ship in a package
-        self.audio_encoder = build_encoder("audio", cfg.encoders.audio, device, **opts)
+        self.audio_encoder = build_encoder("audio", cfg.encoders.audio, device, **opts,
+                                           **({"cpu_threads": threads} if threads > 0 else {}))
 
     def encoder_info(self) -> dict:
         return {kind: {"id": e.id, "weight_hash": e.weight_hash, "tokens": e.tokens, "dim": e.dim}
@@ -293,7 +327,9 @@ class _FetchError(RuntimeError):
 def config_for_hash(cfg: ProcessConfig) -> dict:
     """The settings the rows depend on (timeouts and retry counts excluded)."""
     d = asdict(cfg)
+    d.pop("threads", None)
     d["decode"].pop("timeout_s", None)
+    d["decode"].pop("threads", None)
     d.pop("fetch_retries", None)
     d["encoders"].pop("batch_size", None)
     d["encoders"].pop("device", None)

@@ -13,6 +13,7 @@ fails is recorded as ``worker_crashed`` for each of its videos and retried on th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -54,15 +55,8 @@ class PreprocessConfig:
 class ShardWorker:
     """Ray actor body: models loaded once; one shard written per batch."""
 
-    def __init__(self, process_cfg: ProcessConfig, out: str, storage_options: dict):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        try:
-            import torch
-
-            torch.set_num_threads(max(1, int(os.environ.get("MICROEMO_TORCH_THREADS", "1"))))
-        except ImportError:  # pragma: no cover
-            pass
-        self.processor = VideoProcessor(process_cfg, storage_options)
+    def __init__(self, process_cfg: ProcessConfig, out: str, storage_options: dict, cpus: float = 1.0):
+        self.processor = VideoProcessor(process_cfg, storage_options, threads=worker_threads(process_cfg, cpus))
         self.store = FeatureStore(out, storage_options)
         self.schemas = schemas(self.processor.dims(), {k: v["id"] for k, v in self.processor.encoder_info().items()
                                                        if k in ("frame", "face", "audio")},
@@ -81,6 +75,13 @@ class ShardWorker:
                 getattr(rows, name).extend(out[name])
         self.store.write_shard(shard, rows.to_tables(self.schemas))
         return {"shard": shard, "videos": [_brief(v) for v in rows.videos], "frames": len(rows.frames)}
+
+
+def worker_threads(cfg: ProcessConfig, cpus: float) -> int:
+    """Compute threads of a worker that reserved ``cpus`` CPUs (``ProcessConfig.threads``; 0 = library defaults)."""
+    if cfg.threads > 0:
+        return cfg.threads
+    return 0 if cfg.threads < 0 else max(1, math.ceil(cpus))
 
 
 def _brief(row: dict) -> dict:
@@ -149,7 +150,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> dict:
         n_workers = max(1, min(n_workers, len(batches))) if batches else 0
         Actor = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
                            max_restarts=cfg.max_retries, max_task_retries=cfg.max_retries)(ShardWorker)
-        actors = [Actor.remote(cfg.process, cfg.out, cfg.storage_options) for _ in range(n_workers)]
+        actors = [Actor.remote(cfg.process, cfg.out, cfg.storage_options, cfg.cpus_per_worker) for _ in range(n_workers)]
         encoders = ray.get(actors[0].encoder_info.remote()) if actors else store.read_lineage().get("encoders", {})
         results: list[dict] = []
         bar = tqdm(total=len(todo), unit="video", desc="preprocess", disable=not progress)
@@ -171,7 +172,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> dict:
                 log.warning("batch of %d videos failed after retries: %s", len(batch), exc)
                 res = _record_crash(cfg, store, batch, chash, encoders, exc)
                 # the actor may be dead for good; replace it so the pool keeps its size
-                idle.append(Actor.remote(cfg.process, cfg.out, cfg.storage_options))
+                idle.append(Actor.remote(cfg.process, cfg.out, cfg.storage_options, cfg.cpus_per_worker))
             results.append(res)
             frames_done += res["frames"]
             errors += sum(1 for v in res["videos"] if v["status"] == "error")

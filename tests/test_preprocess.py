@@ -385,3 +385,24 @@ def test_a_killed_worker_is_restarted_and_its_batch_retried(corpus, tmp_path, ra
     videos, frames = _rows_by_video(str(out))
     assert sorted(videos.index) == [f"syn{i:06d}" for i in range(6)]
     assert not frames.duplicated(["video_id", "frame_index"]).any()
+
+
+def test_worker_thread_cap_reaches_every_library():
+    """ProcessConfig.threads: a 1-CPU Ray worker caps torch, OpenCV, CTranslate2 and ffmpeg at one
+    thread (so workers sharing a machine do not oversubscribe it); -1 keeps the libraries' defaults.
+    Checked in a fresh process: the caps are process-wide."""
+    from pipeline.decode import DecodeConfig, _threads
+    from pipeline.process import ProcessConfig
+    from pipeline.run import worker_threads
+
+    assert worker_threads(ProcessConfig(), 1.0) == 1 and worker_threads(ProcessConfig(), 2.5) == 3
+    assert worker_threads(ProcessConfig(threads=-1), 4) == 0 and worker_threads(ProcessConfig(threads=3), 1) == 3
+    assert _threads(DecodeConfig()) == [] and _threads(DecodeConfig(threads=2))[-2:] == ["-threads", "2"]
+    code = ("import cv2, torch; from pipeline.process import ProcessConfig, VideoProcessor; "
+            "p = VideoProcessor(ProcessConfig(), threads=1); "
+            "print(cv2.getNumThreads(), torch.get_num_threads(), p.cfg.decode.threads, "
+            "p.audio_encoder.cpu_threads)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-4:] == ["1", "1", "1", "1"]
