@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, metavar="M", help="JSONL/CSV/Parquet manifest, local or s3://")
     p.add_argument("--out", required=True, metavar="DEST", help="feature store directory or s3:// prefix")
     p.add_argument("--address", metavar="RAY", help="existing Ray cluster, e.g. auto or ray://head:10001 "
-                   "(default: start a local Ray in-process)")
+                   "(default: $RAY_ADDRESS when set, as inside a Ray job; else a new local Ray in-process)")
     p.add_argument("--workers", type=int, metavar="N", help="Ray actors (default: one per CPU)")
     p.add_argument("--overwrite", action="store_true", default=None, help="delete the store's tables first")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("ray", "torchrun", "local"), help="how ranks start (default ray)")
     p.add_argument("--num-workers", type=int, metavar="N", help="ranks (default 2)")
     p.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per rank, NCCL, bf16")
-    p.add_argument("--address", metavar="RAY", help="Ray cluster for --launcher ray (default: local Ray)")
+    p.add_argument("--address", metavar="RAY", help="Ray cluster for --launcher ray (default: $RAY_ADDRESS, else a new local Ray)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-splits", action="store_true", help="every usable clip")
     p.add_argument("--out", metavar="DIR", help="prediction table (default DEST/predictions/<model_id>)")
     p.add_argument("--launcher", choices=("ray", "local"), help="Ray actors (default) or this process")
-    p.add_argument("--address", metavar="RAY", help="existing Ray cluster (default: a local one)")
+    p.add_argument("--address", metavar="RAY", help="existing Ray cluster (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--workers", type=int, metavar="N", help="actors (default: one per CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_config_args(p)

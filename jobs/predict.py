@@ -263,10 +263,12 @@ def predict_store(cfg: PredictConfig, progress: bool = True) -> dict:
 def _predict_on_ray(cfg: PredictConfig, args: tuple, batches: list, bar) -> int:
     import ray
 
+    from pipeline.run import ray_address
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=ray_address(cfg.address), include_dashboard=False, log_to_driver=False, configure_logging=False)
         started = True
     try:
         n = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_worker))

@@ -439,10 +439,12 @@ def launch(cfg: TrainConfig) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.run import ray_address
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     started = False
     if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        ray.init(address=ray_address(cfg.address), include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}})
         started = True
     try:

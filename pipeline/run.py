@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class PreprocessConfig:
     manifest: str = ""
     out: str = ""
-    address: str | None = None  # Ray cluster address; null = start a local Ray in-process
+    address: str | None = None  # Ray cluster address; null = $RAY_ADDRESS (set in Ray jobs), else a new local Ray
     workers: int = 0  # Ray actors; 0 = one per CPU of the cluster
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -75,6 +75,12 @@ class ShardWorker:
                 getattr(rows, name).extend(out[name])
         self.store.write_shard(shard, rows.to_tables(self.schemas))
         return {"shard": shard, "videos": [_brief(v) for v in rows.videos], "frames": len(rows.frames)}
+
+
+def ray_address(address: str | None) -> str:
+    """The address for ``ray.init``: the given one, else ``$RAY_ADDRESS`` (a Ray job's entrypoint has it),
+    else ``"local"``: a new Ray for this process, never a cluster a stray ``ray start`` left on the host."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def worker_threads(cfg: ProcessConfig, cpus: float) -> int:
@@ -141,7 +147,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> dict:
     # should not phone home by default (set RAY_USAGE_STATS_ENABLED=1 to allow it).
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+        ray.init(address=ray_address(cfg.address), include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
         started_ray = True
     try:

@@ -103,7 +103,7 @@ def synth_store(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "fs"
     was_running = ray.is_initialized()
     if not was_running:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         preprocess(PreprocessConfig(manifest=str(corpus[0] / "manifest.jsonl"), out=str(out)), progress=False)
     finally:

@@ -406,3 +406,12 @@ def test_worker_thread_cap_reaches_every_library():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-4:] == ["1", "1", "1", "1"]
+
+
+def test_ray_address_is_the_flag_then_ray_address_then_a_new_local_ray(monkeypatch):
+    from pipeline.run import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) == "local"  # never a cluster a stray `ray start` left on the host
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # what a Ray job's entrypoint sees
+    assert ray_address(None) == "10.0.0.5:6379" and ray_address("auto") == "auto"
