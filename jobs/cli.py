@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "evaluate", help="score a model on a feature-store split (EMER metrics)", formatter_class=_formatter,
-        description="Predict every clip of a split (resumable; kept in DEST/predictions/<model_id>/), then score "
+        description="Predict every clip of a split (resumable; kept in DEST/predictions/<model_id>-g<G>/), then score "
                     "it the way EMER does: per clip, accuracy |G∩P|/|P| and recall |G∩P|/|G| after grouping "
                     "synonyms with an emotion lexicon (a packaged emotion wheel, or --lexicon) and sentence-"
                     "embedding similarity for words outside it; at the lexicon's fine and coarse levels; per "
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="batch prediction over a feature store (Ray)", formatter_class=_formatter,
         description="Answer every clip of a split with a trained model; Ray actors load the model once and "
-                    "write Parquet parts to DEST/predictions/<model_id>/. Resumable: a rerun predicts only the "
+                    "write Parquet parts to DEST/predictions/<model_id>-g<G>/. Resumable: a rerun predicts only the "
                     "clips without a committed prediction.",
         epilog="examples:\n  microemo predict --model runs/s2 --features fs --split test\n"
                "  microemo predict --model runs/s2 --features s3://features/v3 --all-splits --address auto "
@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True, metavar="DEST")
     p.add_argument("--split", default=None, help="split to predict (default test)")
     p.add_argument("--all-splits", action="store_true", help="every usable clip")
-    p.add_argument("--out", metavar="DIR", help="prediction table (default DEST/predictions/<model_id>)")
+    p.add_argument("--out", metavar="DIR", help="prediction table (default DEST/predictions/<model_id>-g<G>[-n<N>])")
     p.add_argument("--launcher", choices=("ray", "local"), help="Ray actors (default) or this process")
     p.add_argument("--address", metavar="RAY", help="existing Ray cluster (default: $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--workers", type=int, metavar="N", help="actors (default: one per CPU)")

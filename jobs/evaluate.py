@@ -1,7 +1,7 @@
 """``microemo evaluate``: score a model on a split of a feature store, the way EMER does.
 
 1. Predictions: batch prediction (``jobs.predict``) of every clip of the split, kept next to the
-   features (``DEST/predictions/<model_id>/``, resumable; in this process by default, on Ray
+   features (``DEST/predictions/<model_id>-g<G>/``, resumable; in this process by default, on Ray
    with ``launcher=ray``).
 2. References: the store's ``labels`` (clip labels, reference explanation, per-utterance labels)
    and ``utterances`` (transcript spans) tables.

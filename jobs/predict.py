@@ -6,10 +6,11 @@ beside ``microemo.safetensors`` (``model.weights`` layout).
 
 Batch prediction (``predict_store``) writes one Parquet table next to the features::
 
-    DEST/predictions/<model_id>/part-<uuid>.parquet     one row per video (schema: PREDICTION_SCHEMA)
-    DEST/predictions/<model_id>/_staging/               parts being written (never read)
+    DEST/predictions/<model_id>-g<G>[-n<N>]/part-<uuid>.parquet   one row per video (PREDICTION_SCHEMA)
+    DEST/predictions/<...>/_staging/                      parts being written (never read)
 
-``model_id`` is a hash of the weight files, so two models never mix and a retrained model
+``model_id`` is a hash of the weight files (plus the decoding version and token budget in the
+folder name), so two models never mix and a retrained model
 starts a fresh table. Each part is written under ``_staging`` and then moved into place, so a
 part is either complete or absent; a rerun reads the committed parts, skips their videos and
 predicts only the rest: a run killed at any point and rerun ends with exactly one prediction
@@ -123,7 +124,7 @@ def predict_samples(model, samples: Iterable[dict], batch_size: int = 4,
 # ------------------------------------------------------------------------------ prediction table
 
 class PredictionTable:
-    """``DEST/predictions/<model_id>/``: committed parts, atomic part writes."""
+    """A prediction table folder (``prediction_url``): committed parts, atomic part writes."""
 
     def __init__(self, url: str, storage_options: dict | None = None):
         import fsspec
@@ -177,7 +178,7 @@ class PredictConfig:
     features: str = ""  # feature store
     split: str | None = "test"  # null = every usable video
     video_ids: list | None = None  # only these videos (within the split)
-    out: str | None = None  # default: FEATURES/predictions/<model_id>
+    out: str | None = None  # default: FEATURES/predictions/<model_id>-g<G>[-n<N>] (prediction_url)
     launcher: str = "ray"  # ray (actors, --address) or local (this process)
     address: str | None = None
     workers: int = 0  # Ray actors; 0 = one per CPU (at most one per batch)
@@ -226,7 +227,16 @@ class PredictWorker:
 
 
 def prediction_url(cfg: PredictConfig, tag: str) -> str:
-    return cfg.out or posixpath.join(cfg.features.rstrip("/"), "predictions", tag)
+    """Where a model's predictions go: ``cfg.out``, else ``FEATURES/predictions/<model_id>-g<G>[-n<N>]``.
+
+    The folder is keyed by what decides an answer: the weights and config (``model_id``), the decoding
+    code (``model.microemo.GENERATION_VERSION``) and ``max_new_tokens``, so a rerun with other settings
+    predicts afresh instead of reusing answers made another way.
+    """
+    from model.microemo import GENERATION_VERSION
+
+    key = f"{tag}-g{GENERATION_VERSION}" + (f"-n{cfg.max_new_tokens}" if cfg.max_new_tokens else "")
+    return cfg.out or posixpath.join(cfg.features.rstrip("/"), "predictions", key)
 
 
 def predict_store(cfg: PredictConfig, progress: bool = True) -> dict:

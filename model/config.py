@@ -183,6 +183,13 @@ class LLMConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     max_new_tokens: int = 160
+    # Generation guards (MicroEmo.generate). Greedy decoding of a small or under-trained model can loop
+    # ("a face with a face with ...") and never reach the "Emotions:" line: a row stops once its last
+    # loop_ngram tokens repeat an earlier run of its answer (the repeat is cut off), and an answer without
+    # an "Emotions:" line gets one appended, after which the model writes up to label_tokens more tokens
+    # (the labels). 0 turns either off.
+    loop_ngram: int = 12
+    label_tokens: int = 48
 
 
 @dataclass
@@ -256,7 +263,7 @@ def preset(name: str) -> MicroEmoConfig:
             # A random base needs a full-rank adapter (r = hidden) to be trainable at all, and lm_head
             # among the targets: a random output layer cannot make confident predictions.
             llm=LLMConfig(source="random", hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128,
-                          vocab_size=260, max_new_tokens=96,
+                          vocab_size=260, max_new_tokens=96, loop_ngram=40,  # bytes, not words
                           lora=LoRAConfig(rank=64, alpha=64, dropout=0.0,
                                           targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj", "lm_head"])),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from model.audio import AudioEncoder
 from model.batch import IGNORE, Batch, Collator
@@ -32,6 +33,11 @@ from model.llm import add_lora, llama_config, load_llm
 from model.prompt import AUDIO, VIDEO, Answer, parse_answer
 from model.video import UtteranceVideo
 from model.visual import VisualEncoder
+
+
+# Bumped whenever generate's decoding changes, so stored predictions made another way are not reused
+# (jobs.predict keys its tables by it). 2: loop guard and the appended "Emotions:" line.
+GENERATION_VERSION = 2
 
 
 @dataclass
@@ -166,18 +172,77 @@ class MicroEmo(nn.Module):
     def generate(self, batch: Batch, max_new_tokens: int | None = None, **kwargs) -> list[Answer]:
         """Answers for a prompt-only batch (``collator(train=False)``), greedy unless kwargs say otherwise.
 
-        Returns one parsed ``Answer`` per clip; ``Answer.raw`` keeps the generated text.
+        Returns one parsed ``Answer`` per clip; ``Answer.raw`` keeps the generated text. With
+        ``llm.loop_ngram`` a row that starts repeating itself stops and the repeat is cut off; with
+        ``llm.label_tokens`` an answer that has no ``Emotions:`` line gets one appended and the model
+        continues from it (``Answer.forced``).
         """
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (build it with MicroEmo.from_config)")
+        llm_cfg, tok = self.cfg.llm, self.tokenizer
         embeds = self.inputs_embeds(batch)
         kwargs.setdefault("do_sample", False)
+        if llm_cfg.loop_ngram > 0:
+            kwargs.setdefault("stopping_criteria", StoppingCriteriaList([_LoopStop(llm_cfg.loop_ngram)]))
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                max_new_tokens=max_new_tokens or self.cfg.llm.max_new_tokens,
-                                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                                **kwargs)
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [parse_answer(t) for t in texts]
+                                max_new_tokens=max_new_tokens or llm_cfg.max_new_tokens,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+        ids = [_answer_ids(row, tok, llm_cfg.loop_ngram) for row in out.tolist()]
+        answers = [parse_answer(tok.decode(x, skip_special_tokens=True)) for x in ids]
+        missing = [i for i, a in enumerate(answers) if not a.well_formed]
+        if llm_cfg.label_tokens > 0 and missing:
+            heads = [(a.raw.rstrip() + "\n" if a.raw.strip() else "") + "Emotions:" for a in (answers[i] for i in missing)]
+            tails = self._continue(embeds[missing], batch.attention_mask[missing], heads, llm_cfg.label_tokens)
+            for i, head, tail in zip(missing, heads, tails):
+                answers[i] = parse_answer(head + tail)
+                answers[i].well_formed, answers[i].forced = False, True
+        return answers
+
+    @torch.no_grad()
+    def _continue(self, embeds: torch.Tensor, mask: torch.Tensor, heads: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations of each prompt (``embeds`` with left-padding ``mask``) followed by ``heads[i]``."""
+        tok, table = self.tokenizer, self.llm.get_input_embeddings()
+        rows = []
+        for e, m, head in zip(embeds, mask.bool(), heads):
+            head_ids = torch.tensor(tok(head, add_special_tokens=False).input_ids, device=e.device, dtype=torch.long)
+            rows.append(torch.cat([e[m], table(head_ids).to(e.dtype)]))
+        length = max(len(r) for r in rows)
+        padded = embeds.new_zeros(len(rows), length, embeds.shape[-1])
+        new_mask = torch.zeros(len(rows), length, dtype=mask.dtype, device=mask.device)
+        for i, r in enumerate(rows):
+            padded[i, length - len(r):] = r
+            new_mask[i, length - len(r):] = 1
+        out = self.llm.generate(inputs_embeds=padded, attention_mask=new_mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return tok.batch_decode(out, skip_special_tokens=True)
+
+
+class _LoopStop(StoppingCriteria):
+    """Per row: done once its last ``n`` generated tokens equal an earlier ``n``-token run of the same row."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        if input_ids.shape[1] <= self.n:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        windows = input_ids.unfold(1, self.n, 1)  # (B, L - n + 1, n)
+        return (windows[:, :-1] == windows[:, -1:]).all(-1).any(-1)
+
+
+def _answer_ids(row: list[int], tok, n: int) -> list[int]:
+    """A generated row up to its end-of-turn (or padding), without the first repeat of an earlier
+    ``n``-token run and everything after it (what ``_LoopStop`` stopped on)."""
+    ends = [i for i, t in enumerate(row) if t in (tok.eos_token_id, tok.pad_token_id)]
+    row = row[:ends[0]] if ends else row
+    if n > 0:
+        seen: set[tuple[int, ...]] = set()
+        for end in range(n, len(row) + 1):
+            window = tuple(row[end - n:end])
+            if window in seen:
+                return row[:end - n]
+            seen.add(window)
+    return row
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -141,13 +141,16 @@ class UtteranceAnswer:
 
 @dataclass
 class Answer:
-    """A parsed answer. ``well_formed``: an ``Emotions:`` line with at least one label was found."""
+    """A parsed answer. ``well_formed``: the model wrote an ``Emotions:`` line with at least one label
+    (``forced``: the line was appended by ``MicroEmo.generate`` and the model wrote only the labels after
+    it; such an answer has labels but is not well formed)."""
 
     explanation: str
     labels: list[str]
     utterances: list[UtteranceAnswer] = field(default_factory=list)
     well_formed: bool = False
     raw: str = ""
+    forced: bool = False
 
 
 def format_answer(explanation: str | None, labels: list[str], utterance_labels: list[UtteranceAnswer]) -> str:

@@ -151,6 +151,44 @@ def test_a_sample_gives_the_same_tokens_and_answer_alone_as_in_a_padded_batch(mo
     assert model.generate(alone, max_new_tokens=12)[0].raw == model.generate(mixed, max_new_tokens=12)[1].raw
 
 
+def test_loop_guard_cuts_the_first_repeat_and_stops_only_looping_rows():
+    from model.microemo import _answer_ids, _LoopStop
+
+    class Tok:
+        eos_token_id, pad_token_id = 0, 0
+
+    loop = [5, 6, 7, 8, 6, 7, 8, 6, 7, 8, 6]  # "5 (6 7 8)(6 7 8)...": with n = 4, "6 7 8 6" comes back at 4-8
+    assert _answer_ids(loop, Tok, 4) == [5, 6, 7, 8]  # one copy of the loop's body stays, the repeat goes
+    assert _answer_ids([1, 2, 3, 0, 0], Tok, 4) == [1, 2, 3]  # end of turn, padding
+    assert _answer_ids(loop, Tok, 0) == loop
+    ids = torch.tensor([loop[:10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    assert _LoopStop(4)(ids, None).tolist() == [True, False]
+    assert _LoopStop(4)(ids[:, :4], None).tolist() == [False, False]
+
+
+def test_generate_appends_an_emotions_line_when_the_model_writes_none():
+    """A (random) model that never writes "Emotions:" gets the line appended and continues from it;
+    that continuation is exactly greedy decoding of prompt + answer + line (checked against the
+    plain path with the guards off)."""
+    cfg = small_cfg()
+    cfg.llm.label_tokens = 8
+    m = build(cfg)
+    b = m.collator(train=False)([make_sample("f1"), make_sample("f2", n_frames=6, utterances=((0.5, 2.0),), seed=2)])
+    forced = m.generate(b, max_new_tokens=10)
+    assert all(a.forced and not a.well_formed for a in forced)
+    plain_cfg = small_cfg()
+    plain_cfg.llm.label_tokens = plain_cfg.llm.loop_ngram = 0
+    plain = build(plain_cfg)
+    assert [a.forced for a in plain.generate(b, max_new_tokens=10)] == [False, False]
+    for a, p in zip(forced, plain.generate(b, max_new_tokens=10)):
+        head = (p.raw.rstrip() + "\n" if p.raw.strip() else "") + "Emotions:"
+        assert a.raw.startswith(head)
+    # the continuation mechanism itself: an empty head continues the prompt exactly as generate does
+    embeds = plain.inputs_embeds(b)
+    again = plain._continue(embeds, b.attention_mask, ["", ""], 10)
+    assert again == [p.raw for p in plain.generate(b, max_new_tokens=10)]
+
+
 # ------------------------------------------------------------------------------ utterance awareness
 
 def _with_event(sample: dict, t: float) -> dict:
