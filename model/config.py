@@ -209,10 +209,16 @@ class PromptConfig:
     # ~5 of ~100 answer tokens on the synthetic corpus (the label lines are ~25 %, most of it copied
     # times). The loss stays a weighted mean, so its scale does not change.
     label_weight: float = 1.0
+    # What training answers hold: "answer" = the EMER answer (explanation, Emotions line, utterance lines);
+    # "labels" = the Emotions line alone, a short alignment target (stage 1: the step costs the prompt
+    # only, and all of the loss is on which emotion the clip shows).
+    target: Literal["answer", "labels"] = "answer"
 
     def __post_init__(self):
         if not self.label_weight > 0:
             raise ValueError(f"prompt.label_weight must be > 0, got {self.label_weight}")
+        if self.target not in ("answer", "labels"):
+            raise ValueError(f"prompt.target must be answer or labels, got {self.target!r}")
 
 
 @dataclass

@@ -168,7 +168,8 @@ def _overlap(a0: float, a1: float, b0: float, b1: float) -> float:
 
 
 def build_target(sample: dict, cfg: PromptConfig) -> str:
-    """Answer text for a store sample (``description``, ``labels``, ``utterance_labels``).
+    """Answer text for a store sample (``description``, ``labels``, ``utterance_labels``); with
+    ``cfg.target == "labels"`` only its ``Emotions:`` line.
 
     Per-utterance labels are numbered by the transcript utterance they overlap most (their
     own order when the sample has no transcript). Raises ValueError when the sample has
@@ -178,6 +179,10 @@ def build_target(sample: dict, cfg: PromptConfig) -> str:
     description = sample.get("description")
     if not labels and not (description and description.strip()):
         raise ValueError(f"sample {sample.get('video_id')!r} has no labels and no description to train on")
+    if cfg.target == "labels":
+        if not labels:
+            raise ValueError(f"sample {sample.get('video_id')!r} has no labels (prompt.target=labels)")
+        return format_answer(None, labels, [])
     utts = sorted_utterances(sample.get("utterances") or [])
     per_utt = []
     if cfg.utterance_labels:

@@ -514,6 +514,12 @@ def test_build_target_numbers_utterance_labels_by_transcript_overlap():
     assert lines[-2:] == ["Utterance 1 (0.50-2.00 s): sad", "Utterance 2 (3.05-3.90 s): angry"]
     with pytest.raises(ValueError, match="no labels and no description"):
         build_target(dict(s, labels=[], description=None), preset("tiny").prompt)
+    short = PromptConfig(target="labels")  # the alignment target: the Emotions line alone
+    assert build_target(s, short) == "Emotions: happy, joyful"
+    with pytest.raises(ValueError, match="no labels"):
+        build_target(dict(s, labels=[]), short)
+    with pytest.raises(ValueError, match="prompt.target"):
+        PromptConfig(target="caption")
 
 
 # ------------------------------------------------------------------------------------ weights
