@@ -65,8 +65,11 @@ class ShardWorker:
     def encoder_info(self) -> dict:
         return self.processor.encoder_info()
 
-    def process_batch(self, entries: list[ManifestEntry], chash: str) -> dict:
-        shard = self.store.new_shard_name()
+    def process_batch(self, entries: list[ManifestEntry], chash: str, shard: str | None = None) -> dict:
+        """Process ``entries`` and commit them as shard ``shard``. The driver names the shard, so a batch
+        Ray retries after its actor died (even after the commit, before the reply) rewrites the same
+        shard instead of adding a second copy of its videos."""
+        shard = shard or self.store.new_shard_name()
         rows = ShardRows.empty()
         for entry in entries:
             out = self.processor.process(entry, shard, chash)
@@ -187,7 +190,7 @@ def preprocess(cfg: PreprocessConfig, progress: bool = True) -> dict:
         while queue or pending:
             while queue and idle:
                 actor, batch = idle.pop(), queue.pop(0)
-                pending[actor.process_batch.remote(batch, chash)] = (actor, batch)
+                pending[actor.process_batch.remote(batch, chash, FeatureStore.new_shard_name())] = (actor, batch)
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
             actor, batch = pending.pop(ref)
