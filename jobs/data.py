@@ -65,15 +65,95 @@ def iter_samples(store: str | FeatureStore, split: str | None = None, video_ids:
         labels = {r["video_id"]: r for r in tables["labels"].to_pylist()} if tables["labels"].num_rows else {}
         if split is not None:
             wanted = [v for v in wanted if labels.get(v["video_id"], {}).get("split") == split]
+        if not wanted:
+            continue
         shapes = {"global": _field_shape(tables["frames"].schema, "global_feat"),
                   "face": _field_shape(tables["frames"].schema, "face_feat")[1],
                   "dynamics": _field_shape(tables["frames"].schema, "dynamics")[1],
                   "audio": _field_shape(tables["audio"].schema, "audio_feat")[1]}
-        by_video = {name: _group(t) for name, t in tables.items() if name != "labels"}
+        ids = [v["video_id"] for v in wanted]
+        frames, audio = _columns(tables["frames"], ids, "frame_index"), _columns(tables["audio"], ids, "window_index")
+        utterances = _group(_only(tables["utterances"], ids))
         for v in wanted:
             vid = v["video_id"]
-            yield assemble(v, by_video["frames"].get(vid, []), by_video["audio"].get(vid, []),
-                           by_video["utterances"].get(vid, []), labels.get(vid), shapes)
+            yield _sample(v, frames.get(vid), audio.get(vid), utterances.get(vid, []), labels.get(vid), shapes)
+
+
+def _only(table: pa.Table, ids: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_in(table["video_id"], value_set=pa.array(ids, pa.string())))
+
+
+def _columns(table: pa.Table, ids: list[str], order: str) -> dict[str, dict[str, np.ndarray]]:
+    """{video_id: {column: numpy array}} for the rows of ``ids``, each video's rows sorted by ``order``.
+
+    Vectorised (Arrow -> numpy), never row dicts: a shard's frames hold thousands of float16
+    values per row, and turning them into Python lists cost most of the data thread's time.
+    Fixed-size list columns become (rows, dim) float32 with zeros where the value is null.
+    """
+    table = _only(table, ids).sort_by([("video_id", "ascending"), (order, "ascending")])
+    if table.num_rows == 0:
+        return {}
+    cols: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            dim = col.type.list_size
+            values = col.flatten() if col.null_count == 0 else None  # flatten skips null slots
+            if values is None:
+                dense = np.zeros((len(col), dim), np.float32)
+                valid = ~col.is_null().to_numpy(zero_copy_only=False)
+                dense[valid] = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+                cols[name] = dense
+            else:
+                cols[name] = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+        elif pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
+            cols[name] = col.to_numpy(zero_copy_only=False)
+        elif name == "video_id":
+            cols[name] = np.asarray(col.to_pylist(), dtype=object)
+    vids = cols["video_id"]
+    starts = np.flatnonzero(np.r_[True, vids[1:] != vids[:-1]])
+    ends = np.r_[starts[1:], len(vids)]
+    return {vids[a]: {k: v[a:b] for k, v in cols.items()} for a, b in zip(starts, ends)}
+
+
+def _sample(video: dict, fr: dict | None, au: dict | None, utterances: list[dict], label: dict | None,
+            shapes: dict) -> dict:
+    """``assemble`` from ``_columns`` output (same sample, built from arrays)."""
+    n, w = (len(fr["pts_s"]) if fr else 0), (len(au["start_s"]) if au else 0)
+    found = np.array([bool(x) for x in fr["face_found"]], bool) if fr else np.zeros(0, bool)  # nulls -> False
+
+    def vec(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        return (fr[key].reshape(n, *shape).astype(np.float32) if fr and key in fr
+                else np.zeros((n, *shape), np.float32))
+
+    def scalar(key: str) -> np.ndarray:
+        return np.nan_to_num(fr[key].astype(np.float32)) if fr and key in fr else np.zeros(n, np.float32)
+
+    lab = label or {}
+    return {
+        "video_id": video["video_id"],
+        "duration_s": float(video.get("duration_s") or 0.0),
+        "split": lab.get("split"),
+        "frame_pts": (fr["pts_s"] if fr else np.zeros(0)).astype(np.float32),
+        "global_feat": vec("global_feat", shapes["global"]),
+        "face_found": found,
+        "face_feat": vec("face_feat", (shapes["face"],)),
+        "face_delta": vec("face_feat_delta", (shapes["face"],)),
+        "dynamics": vec("dynamics", (shapes["dynamics"],)),
+        "motion_energy": scalar("motion_energy"),
+        "motion_peak_offset_s": scalar("motion_peak_offset_s"),
+        "audio_feat": (au["audio_feat"].reshape(w, shapes["audio"]).astype(np.float32) if au
+                       else np.zeros((0, shapes["audio"]), np.float32)),
+        "audio_span": (np.stack([au["start_s"], au["end_s"]], 1).astype(np.float32) if au
+                       else np.zeros((0, 2), np.float32)),
+        "utterances": [{k: r.get(k) for k in ("start_s", "end_s", "text", "speaker")}
+                       for r in sorted(utterances, key=lambda r: r["utt_index"])],
+        "labels": list(lab.get("labels") or []),
+        "description": lab.get("description"),
+        "utterance_labels": list(lab.get("utterance_labels") or []),
+    }
 
 
 def assemble(video: dict, frames: list[dict], audio: list[dict], utterances: list[dict], label: dict | None,
