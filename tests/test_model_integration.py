@@ -49,7 +49,9 @@ def test_tiny_preset_overfits_a_batch_of_synth_samples(samples, record_property)
     record_property("tiny_overfit_steps", len(losses))
     print(f"\ntiny overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps, {seconds:.1f} s")
     assert losses[-1] <= 0.1 * losses[0], f"loss only fell from {losses[0]:.3f} to {losses[-1]:.3f}"
-    assert seconds < 60
+    # a guard against a pathologically slow tiny model, not a benchmark: 45-61 s on this project's 2-core
+    # machines (CI runners vary by a quarter from hour to hour)
+    assert seconds < 120
 
 
 @pytest.mark.integration
