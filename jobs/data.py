@@ -100,14 +100,13 @@ def _columns(table: pa.Table, ids: list[str], order: str) -> dict[str, dict[str,
         col = table[name].combine_chunks()
         if pa.types.is_fixed_size_list(col.type):
             dim = col.type.list_size
-            values = col.flatten() if col.null_count == 0 else None  # flatten skips null slots
-            if values is None:
+            if col.null_count == 0:
+                cols[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+            else:  # flatten skips null slots: scatter the valid rows into zeros
                 dense = np.zeros((len(col), dim), np.float32)
                 valid = ~col.is_null().to_numpy(zero_copy_only=False)
                 dense[valid] = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
                 cols[name] = dense
-            else:
-                cols[name] = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
         elif pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
             cols[name] = col.to_numpy(zero_copy_only=False)
         elif name == "video_id":
