@@ -287,7 +287,7 @@ def train_loop(cfg_dict: dict) -> dict:
             n_samples += len(batch)
             n_tokens += out.answer_tokens
         step += 1
-        loss = torch.tensor(sum(losses) / len(losses))
+        loss = torch.tensor(sum(losses) / len(losses), device=device)  # NCCL reduces only GPU tensors
         dist.all_reduce(loss)
         loss = float(loss) / world
         grad_norm = engine.get_global_grad_norm()
@@ -301,7 +301,7 @@ def train_loop(cfg_dict: dict) -> dict:
                     data_wait_frac=t_data / max(t_total, 1e-9), epoch=epoch)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        stop = _agree(preempt.flag)
+        stop = _agree(preempt.flag, device)
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
             _save(engine, run, step, epoch, position, rank)
         if stop:
@@ -362,12 +362,12 @@ class Prefetcher:
         self._stop.set()
 
 
-def _agree(flag: bool) -> bool:
+def _agree(flag: bool, device) -> bool:
     """Stop together: any rank's SIGTERM stops all ranks at the same step."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=device)  # on the GPU under NCCL
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

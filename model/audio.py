@@ -36,7 +36,7 @@ class AudioEncoder(nn.Module):
 
     def forward(self, audio_feat: torch.Tensor, audio_span: torch.Tensor, audio_mask: torch.Tensor) -> torch.Tensor:
         w = audio_feat.shape[1]
-        x = self.proj(audio_feat.float()) + self.position[:w]
+        x = self.proj(audio_feat.to(self.position.dtype)) + self.position[:w]
         if self.time is not None:
             x = x + self.time(audio_span.float().mean(-1))
         return self.qformer(x, audio_mask)

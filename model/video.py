@@ -171,7 +171,7 @@ class UtteranceVideo(nn.Module):
         out = clip.new_zeros(b, s, w, self.queries, self.out_dim)
         if window_on.any():
             out[window_on] = self.utterance(tokens[window_on], mask[window_on])
-        weight = window_on.float()[..., None, None]
+        weight = window_on.to(out.dtype)[..., None, None]
         segs = (out * weight).sum(2) / weight.sum(2).clamp(min=1.0)  # mean over sub-windows
         segs = segs * seg_mask[..., None, None]
         combined = torch.cat([clip, segs], dim=1) + self.segment[: 1 + s, None, :]

@@ -108,15 +108,16 @@ class VisualEncoder(nn.Module):
 
     def forward(self, global_feat, face_feat, face_delta, dynamics, face_found, frame_pts, frame_mask) -> torch.Tensor:
         b, f = frame_mask.shape
-        out = global_feat.new_zeros(b, f, self.queries, self.out_dim, dtype=torch.float32)
+        dt = self.global_pos.dtype  # the module's own precision (fp32, or bf16 under DeepSpeed's bf16 engine)
+        out = global_feat.new_zeros(b, f, self.queries, self.out_dim, dtype=dt)
         if not frame_mask.any():
             return out
         sel = frame_mask
-        g = self.global_proj(global_feat[sel].float()) + self.global_pos  # (N, Tg, w)
+        g = self.global_proj(global_feat[sel].to(dt)) + self.global_pos  # (N, Tg, w)
         tokens, mask = g, torch.ones(g.shape[:2], dtype=torch.bool, device=g.device)
         if self.local is not None:
             found = face_found[sel]
-            local = self.local(face_feat[sel].float(), face_delta[sel].float(), dynamics[sel].float())
+            local = self.local(face_feat[sel].to(dt), face_delta[sel].to(dt), dynamics[sel].to(dt))
             if self.time is not None:
                 tau = self.time(frame_pts[sel])[:, None, :]
                 g, local = g + tau, local + tau

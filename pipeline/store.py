@@ -275,4 +275,27 @@ class ShardRows:
         return cls([], [], [], [], [])
 
     def to_tables(self, table_schemas: dict[str, pa.Schema]) -> dict[str, pa.Table]:
-        return {name: pa.Table.from_pylist(getattr(self, name), schema=table_schemas[name]) for name in TABLES}
+        return {name: zero_fill(pa.Table.from_pylist(getattr(self, name), schema=table_schemas[name]))
+                for name in TABLES}
+
+
+def zero_fill(table: pa.Table) -> pa.Table:
+    """The table with every null of a fixed-size list column (face columns of frames without a face)
+    replaced by zeros.
+
+    A Parquet file with null fixed-size lists cannot be read back by pyarrow before 26 (nor
+    written before 25; apache/arrow#35692), nor by readers that map them to arrays: zeros keep the
+    store readable everywhere, and ``face_found`` says which rows hold a face.
+    """
+    for i, field in enumerate(table.schema):
+        col = table.column(i)
+        if not pa.types.is_fixed_size_list(field.type) or col.null_count == 0:
+            continue
+        arr = col.combine_chunks()
+        size = field.type.list_size
+        values = np.asarray(arr.values.slice(arr.offset * size, len(arr) * size).to_numpy(zero_copy_only=False))
+        values = values.reshape(len(arr), size).copy()
+        values[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
+        filled = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), field.type.value_type), size)
+        table = table.set_column(i, field, filled)
+    return table

@@ -617,6 +617,58 @@ def test_trains_and_generates_with_a_low_precision_llm_and_on_cuda(device, dtype
     assert len(answers) == 1
 
 
+def test_transcript_dropout_withholds_words_per_video_and_epoch_in_training_only():
+    from model.batch import Collator
+    from model.tokenizer import byte_tokenizer
+
+    cfg = small_cfg()
+    cfg.prompt.transcript_dropout = 0.4
+    tok = byte_tokenizer()
+    samples = [make_sample(f"v{i}") | {"epoch": 0} for i in range(200)]
+
+    def withheld(collate, batch_samples):
+        prompts = collate(batch_samples).prompts
+        for p in prompts:  # the utterance lines (times, speaker) stay either way
+            assert 'Utterance 2 (3.60-5.40 s, speaker A): "' in p
+        return ["sentence number" not in p for p in prompts]
+
+    train = Collator(cfg, tok, train=True)
+    first = withheld(train, samples)
+    assert 0.3 < np.mean(first) < 0.5  # the rate, per video
+    assert withheld(train, samples[::-1]) == first[::-1]  # a property of the video, not of batch order
+    again = withheld(train, [s | {"epoch": 1} for s in samples])
+    assert again != first and 0.3 < np.mean(again) < 0.5  # other videos in the next epoch
+    assert not any(withheld(Collator(cfg, tok, train=False), samples[:20]))  # never at generation
+    cfg.prompt.transcript_dropout = 0.0
+    assert not any(withheld(Collator(cfg, tok, train=True), samples[:20]))
+    with pytest.raises(ValueError, match="transcript_dropout"):
+        PromptConfig(transcript_dropout=1.5)
+
+
+def test_whole_model_in_bf16_as_deepspeeds_bf16_engine_casts_it():
+    """DeepSpeed's bf16 engine casts every module (the Q-Formers, projections and time embeddings
+    too) to bf16 while the collator still gives fp32 features; each module must cast its inputs to
+    its own precision. Found on an H200: the fp32-input path failed with "mat1 and mat2 must have
+    the same dtype". CPU runs bf16 matmuls, so this is checked here."""
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    m = build(cfg)
+    ref_time = m.visual.time(torch.tensor([0.0, 0.1, 9.95]))
+    m.to(torch.bfloat16)
+    batch = m.collator()([make_sample("a"), make_sample("b", n_audio=0, utterances=())])
+    assert batch.global_feat.dtype == torch.float32
+    m.set_stage(2)
+    out = m(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and m.video_proj.weight.grad.dtype == torch.bfloat16
+    assert m.visual.local.dynamics[0].weight.grad is not None and next(m.audio.proj.parameters()).grad is not None
+    # the time embedding's phases stay fp32 (a bf16 buffer would shift them by ~1 rad at 10 s)
+    got = m.visual.time(torch.tensor([0.0, 0.1, 9.95]))
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), ref_time, atol=0.05)
+    answers = m.generate(m.collator(train=False)([make_sample("a")]), max_new_tokens=4)
+    assert len(answers) == 1
+
+
 # ------------------------------------------------------------------------------------ LLM sources
 
 def test_hf_source_loads_a_local_directory_and_checks_it(tmp_path):

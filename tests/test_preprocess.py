@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -129,6 +131,17 @@ def test_store_reads_with_pyarrow_pandas_and_duckdb(local_run):
     assert got[0] == n
     feat = duckdb.sql(f"select global_feat from '{out}/frames/*.parquet' limit 1").fetchall()[0][0]
     assert len(feat) == 6400
+    # no null fixed-size lists anywhere (pyarrow < 26 cannot read them back: apache/arrow#35692), yet
+    # the store has frames without a face (the no-face input), whose face columns are zeros
+    frames = pq.read_table(str(out / "frames"))
+    assert not all(frames.column("face_found").to_pylist())
+    for name in ("frames", "audio"):
+        t = pq.read_table(str(out / name))
+        for field in t.schema:
+            if pa.types.is_fixed_size_list(field.type):
+                assert t.column(field.name).null_count == 0, (name, field.name)
+    off = frames.filter(pc.invert(frames.column("face_found")))
+    assert np.all(np.stack(off.column("dynamics").to_numpy(zero_copy_only=False)) == 0)
     schema = pq.read_schema(next((out / "frames").glob("*.parquet")))
     assert schema.field("global_feat").metadata[b"encoder"].startswith(b"mobilenet_v2")
     lineage = json.loads((out / "_lineage.json").read_text())
@@ -137,6 +150,21 @@ def test_store_reads_with_pyarrow_pandas_and_duckdb(local_run):
     pf = pq.ParquetFile(next((out / "frames").glob("*.parquet")))
     for i in range(pf.num_row_groups):
         assert len(set(pf.read_row_group(i, columns=["video_id"]).column(0).to_pylist())) == 1
+
+
+def test_zero_fill_replaces_null_fixed_size_lists_and_keeps_the_rest():
+    from pipeline.store import zero_fill
+
+    f16 = pa.list_(pa.float16(), 3)
+    part = pa.table({"x": pa.array([[1, 2, 3], None, [4, 5, 6]], f16), "n": pa.array([1, None, 3], pa.int32()),
+                     "tags": pa.array([["a"], None, []], pa.list_(pa.string()))})
+    table = pa.concat_tables([part, part.slice(1)])  # two chunks, the second one sliced (non-zero offset)
+    filled = zero_fill(table)
+    assert filled.schema == table.schema
+    assert filled.column("x").null_count == 0
+    assert filled.column("x").to_pylist() == [[1, 2, 3], [0, 0, 0], [4, 5, 6], [0, 0, 0], [4, 5, 6]]
+    assert filled.column("n").to_pylist() == [1, None, 3, None, 3]  # only fixed-size lists are filled
+    assert filled.column("tags").to_pylist() == [["a"], None, [], None, []]
 
 
 def test_rerun_skips_and_changed_videos_are_redone_without_duplicates(local_run, mixed_manifest, tmp_path):
