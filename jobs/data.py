@@ -25,6 +25,7 @@ of them into padded tensors)::
     labels        list[str]
     description   str | None
     utterance_labels  list of {start_s, end_s, labels}
+    epoch         int                      SampleStream only: the pass over the data it belongs to
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ class SampleStream:
             order.extend(block)
         per_rank = len(order) // world_size
         self.items = order[rank::world_size][:per_rank]
-        self.store, self.position, self.window = store, start, window
+        self.store, self.position, self.window, self.epoch = store, start, window, epoch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -293,4 +294,4 @@ class SampleStream:
             cache.move_to_end(shard)
             sample = cache[shard][vid]
             self.position += 1
-            yield sample
+            yield {**sample, "epoch": self.epoch}  # the collator's per-epoch draws (prompt.transcript_dropout)

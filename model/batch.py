@@ -21,6 +21,7 @@ the clip gets decides how many video placeholders its prompt has.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -124,6 +125,15 @@ class Collator:
                 shown = ", ".join("W" if w is None else str(w) for w in want)
                 raise ValueError(f"sample {vid!r}: {key} has shape {shape}, config features expect ({shown})")
 
+    def withholds_transcript(self, s: dict) -> bool:
+        """Whether training collation withholds this sample's transcript (``prompt.transcript_dropout``):
+        a stable hash of (video_id, epoch) against the rate, so every rank and a resumed run agree."""
+        rate = self.cfg.prompt.transcript_dropout
+        if not self.train or rate <= 0.0:
+            return False
+        key = f"{s.get('video_id')}:{int(s.get('epoch') or 0)}".encode()
+        return zlib.crc32(key) / 2**32 < rate
+
     def audio_windows(self, s: dict) -> np.ndarray:
         """Indices of the audio windows used: all, or ``max_windows`` evenly in time; none with audio off."""
         span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)
@@ -184,6 +194,8 @@ class Collator:
             self.check(s)
         frame_pts = [np.asarray(s["frame_pts"], np.float64) for s in samples]
         utterances = [sorted_utterances(s.get("utterances") or []) for s in samples]
+        utterances = [[{**u, "text": ""} for u in utts] if self.withholds_transcript(s) else utts
+                      for s, utts in zip(samples, utterances)]
         segments = [plan_segments([(float(u["start_s"]), float(u["end_s"])) for u in utts], pts, cfg.video)
                     if cfg.ablations.utterance and cfg.ablations.video else []
                     for utts, pts in zip(utterances, frame_pts)]

@@ -213,8 +213,17 @@ class PromptConfig:
     # "labels" = the Emotions line alone, a short alignment target (stage 1: the step costs the prompt
     # only, and all of the loss is on which emotion the clip shows).
     target: Literal["answer", "labels"] = "answer"
+    # Modality dropout for the transcript: the share of training samples whose utterance texts are
+    # withheld from the prompt (times and speakers stay; each text becomes ""). The transcript is the
+    # easiest channel for an LLM, so without this a model learns to read the words and leaves the face
+    # and voice tokens unused; with it, those samples can only be answered from the video and audio.
+    # Which samples: a hash of (video_id, epoch), so a resumed run withholds the same ones. Only
+    # training collation applies it (never generation).
+    transcript_dropout: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.transcript_dropout <= 1.0:
+            raise ValueError(f"prompt.transcript_dropout must be in [0, 1], got {self.transcript_dropout}")
         if not self.label_weight > 0:
             raise ValueError(f"prompt.label_weight must be > 0, got {self.label_weight}")
         if self.target not in ("answer", "labels"):

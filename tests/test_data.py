@@ -77,6 +77,7 @@ def test_stream_shards_by_rank_shuffles_by_seed_and_resumes(synth_store):
     assert [s["video_id"] for s in SampleStream(store, None, seed=1)] == full  # deterministic
     other = [[s["video_id"] for s in SampleStream(store, None, seed=1, epoch=e)] for e in range(1, 6)]
     assert any(o != full for o in other)  # a new epoch reshuffles
+    assert {s["epoch"] for s in SampleStream(store, None, seed=1, epoch=3)} == {3}  # for the collator's draws
     r0 = [s["video_id"] for s in SampleStream(store, None, rank=0, world_size=2, seed=1)]
     r1 = [s["video_id"] for s in SampleStream(store, None, rank=1, world_size=2, seed=1)]
     assert len(r0) == len(r1) == 3 and not set(r0) & set(r1)
