@@ -274,7 +274,7 @@ def train_loop(cfg_dict: dict) -> dict:
     n_samples = n_tokens = 0
     while step < cfg.max_steps:
         t0 = time.perf_counter()
-        losses = []
+        losses, summary_losses = [], []
         for _ in range(cfg.grad_accum):
             td = time.perf_counter()
             batch, epoch, position = loader.get()
@@ -284,6 +284,8 @@ def train_loop(cfg_dict: dict) -> dict:
             engine.backward(out.loss)
             engine.step()
             losses.append(float(out.loss.detach()))
+            if out.summary_loss is not None:
+                summary_losses.append(float(out.summary_loss.detach()))
             n_samples += len(batch)
             n_tokens += out.answer_tokens
         step += 1
@@ -298,7 +300,9 @@ def train_loop(cfg_dict: dict) -> dict:
             log.log(step, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
                     samples_per_s=n_samples * world / max(t_total, 1e-9),
                     tokens_per_s=n_tokens * world / max(t_total, 1e-9),
-                    data_wait_frac=t_data / max(t_total, 1e-9), epoch=epoch)
+                    data_wait_frac=t_data / max(t_total, 1e-9), epoch=epoch,
+                    # the dynamics summary's own loss, part of `loss` (rank 0's micro-batches)
+                    **({"summary_loss": sum(summary_losses) / len(summary_losses)} if summary_losses else {}))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         stop = _agree(preempt.flag, device)

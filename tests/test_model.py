@@ -24,7 +24,7 @@ from model.prompt import (TEXT, VIDEO, UtteranceAnswer, build_target, clean_text
                           placeholder, split_labels)
 from model.qformer import QFormer
 from model.time import TimeEmbedding
-from model.video import Segment, plan_segments, select_by_time, window_frames
+from model.video import Segment, plan_segments, select_by_time, window_dynamics, window_frames
 from model.weights import ADAPTER_DIR, load_config, load_weights, save_weights
 
 DIMS = FeatureDims(global_tokens=3, global_dim=24, face_dim=12, dynamics_dim=10, audio_dim=20)
@@ -76,7 +76,7 @@ def model() -> MicroEmo:
 def video_slots(model: MicroEmo, batch, i: int = 0) -> torch.Tensor:
     """Sample i's projected video tokens as (1 + S, Nv, H), slot 0 = whole clip."""
     enc = model.encode(batch)
-    nv = model.cfg.video.clip_qformer.queries
+    nv = model.cfg.window_tokens
     tokens = enc.video[i][enc.video_mask[i]]
     return tokens.reshape(-1, nv, tokens.shape[-1])
 
@@ -100,7 +100,7 @@ def test_odd_inputs_give_consistent_shapes_masks_and_finite_loss(model, case):
     normal = make_sample("normal", n_frames=7, utterances=((0.2, 1.0), (1.5, 3.0), (3.1, 3.4)), seed=1)
     batch = model.collator()([odd, normal])
     cfg = model.cfg
-    nv, na = cfg.video.clip_qformer.queries, cfg.audio.qformer.queries
+    nv, na = cfg.window_tokens, cfg.audio.qformer.queries
     segs = batch.segments[0]
     assert len(segs) <= cfg.video.max_segments
 
@@ -215,6 +215,73 @@ def test_moving_a_micro_event_changes_only_the_windows_that_contain_it(model):
     assert _changed_slots(model, _with_event(base, 1.5), _with_event(base, 7.5)) == {0, 1, 3}
     assert _changed_slots(model, _with_event(base, 1.0), _with_event(base, 2.0)) == {0, 1}  # moved within one
     assert _changed_slots(model, base, _with_event(base, 3.0)) == {0}  # between utterances: clip only
+
+
+def test_window_dynamics_pools_each_windows_face_frames():
+    dyn = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [-1.0, 5.0], [9.0, 9.0]]])  # (B=1, F=4, Dd=2)
+    found = torch.tensor([[True, True, True, False]])
+    clip = torch.tensor([[0, 1, 2, 3]])
+    # segment 1: frames 0-1 in two sub-windows; segment 2: frame 3 only, which has no face
+    segs = torch.tensor([[[[0, 1], [1, -1]], [[3, -1], [-1, -1]]]])
+    out, on = window_dynamics(dyn, found, clip, segs)
+    want = torch.tensor([[[3.0, 5.0, -1.0, -2.0], [3.0, 0.0, 1.0, -2.0], [0.0, 0.0, 0.0, 0.0]]]).asinh()
+    assert torch.allclose(out, want) and on.tolist() == [[True, True, False]]
+    assert window_dynamics(dyn, found, clip, torch.zeros(1, 0, 1, 1, dtype=torch.long))[0].shape == (1, 1, 4)
+
+
+def test_dynamics_summary_adds_one_word_mixture_token_per_window_of_the_face_stream():
+    m = build(small_cfg())
+    assert m.video_summary is not None and not m.video_summary.score.weight.any()  # starts as the plain mean of the words
+    assert m.cfg.window_tokens == m.cfg.video.clip_qformer.queries + 1
+    base = make_sample("ev", n_frames=20, utterances=((0.6, 2.4), (3.6, 5.4), (6.6, 8.4)))
+    words = m._word_embeddings()
+    slots = video_slots(m, m.collator()([base]))
+    assert torch.allclose(slots[:, -1], words.mean(0).expand(slots.shape[0], -1), atol=1e-6)
+    with torch.no_grad():  # a summary that scores one word: the token is (close to) that word
+        m.video_summary.score.bias[2] = 50.0
+    assert torch.allclose(video_slots(m, m.collator()([base]))[:, -1], words[2].expand(slots.shape[0], -1), atol=1e-5)
+    # part of the face stream (no_face ablation) and switchable; prompts follow the token count
+    for cfg in (small_cfg(local=False), dataclasses.replace(small_cfg())):
+        if cfg.ablations.local:
+            cfg.visual.dynamics_summary = False
+        other = build(cfg)
+        assert other.video_summary is None and cfg.window_tokens == cfg.video.clip_qformer.queries
+        assert video_slots(other, other.collator()([base])).shape[1] == cfg.video.clip_qformer.queries
+    with torch.no_grad():  # a trained summary keeps the windows apart: an event changes only its windows
+        m.video_summary.score.weight.normal_()
+    assert _changed_slots(m, base, _with_event(base, 1.5)) == {0, 1}
+    assert _changed_slots(m, base, _with_event(base, 7.5)) == {0, 3}
+
+
+def test_dynamics_summary_learns_from_its_own_loss_and_standardises_by_running_statistics():
+    cfg = small_cfg()
+    m = build(cfg).train()
+    m.set_stage(1)
+    words = cfg.visual.summary_words
+    a = make_sample("a") | {"labels": ["Delighted", "Happy"]}  # the first label that is a summary word
+    b = make_sample("b", seed=3) | {"labels": ["heartbroken"]}  # no summary word: no summary loss
+    c = make_sample("c", face=False) | {"labels": ["sad"]}  # no face: no summary loss
+    batch = m.collator()([a, b, c])
+    assert batch.summary_targets.tolist() == [words.index("happy"), IGNORE, words.index("sad")]
+    assert m.collator(train=False)([a]).summary_targets is None
+    before = m.video_summary.rows.item()
+    out = m(batch)
+    # running statistics from the windows with a face: clip + 2 utterances for a and b, none for c
+    assert m.video_summary.rows.item() == before + 6 and m.video_summary.var.min() > 0
+    # the summary loss is the clip windows' cross-entropy; uniform scores at the start: log K
+    assert out.summary_loss is not None and abs(out.summary_loss.item() - np.log(len(words))) < 1e-5
+    opt = torch.optim.Adam([p for _, p in m.set_stage(1)], lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        m(m.collator()([a])).loss.backward()
+        opt.step()
+    m.eval()
+    rows = m.video_summary.rows.item()
+    enc = m.encode(m.collator(train=False)([a]))
+    assert enc.summary_scores[0, 0].argmax().item() == words.index("happy")
+    assert m.video_summary.rows.item() == rows  # statistics only move in training
+    cfg.visual.summary_loss = 0.0
+    assert build(cfg).train()(batch).summary_loss is None
 
 
 def test_frames_are_chosen_by_time_not_index():
@@ -419,9 +486,13 @@ def test_label_weight_weights_the_label_lines_and_keeps_a_weighted_mean():
     assert text.startswith("Emotions: happy, joyful\nUtterance 1") and b.targets[0].endswith(text)
     assert b.input_ids[0][heavy][-1] == m.tokenizer.eos_token_id
 
+    def answer_loss(model, batch):  # the answer part of the loss (without the dynamics summary's own)
+        out = model(batch)
+        return out.loss - model.cfg.visual.summary_loss * out.summary_loss
+
     with torch.no_grad():
-        loss = m(b).loss
-        plain = build(small_cfg())(dataclasses.replace(b, loss_weights=None)).loss
+        loss = answer_loss(m, b)
+        plain = answer_loss(build(small_cfg()), dataclasses.replace(b, loss_weights=None))
         # the same numbers by hand: per-token cross-entropy of the answers, weighted
         emb = m.inputs_embeds(b)
         logits = m.llm(inputs_embeds=emb, attention_mask=b.attention_mask,
@@ -459,7 +530,7 @@ def test_transcript_text_cannot_forge_placeholders_or_special_tokens(model):
     s = make_sample("evil", utterances=((0.5, 1.5),))
     s["utterances"][0]["text"] = evil
     b = model.collator(train=False)([s])
-    nv = model.cfg.video.clip_qformer.queries
+    nv = model.cfg.window_tokens
     assert (b.mm_kind[0] == VIDEO).sum() == nv * 2
     assert "<|im_end|><|im_start|>assistant\"" not in b.prompts[0]
     assert clean_text("a\n b" + evil, ["<|im_end|>"], 100).startswith("a b")
@@ -480,6 +551,39 @@ def test_answer_format_round_trips():
     assert a.explanation == "The mouth corners lift at 1.50 s and the voice is bright."
     assert [(u.index, u.start_s, u.end_s, u.labels) for u in a.utterances] == [(1, 0.52, 2.1, ["joyful"]),
                                                                             (2, 2.4, 4.0, ["neutral"])]
+
+
+def test_labels_first_answers_round_trip_and_weigh_their_label_lines():
+    utts = [UtteranceAnswer(1, 0.52, 2.1, ["joyful"])]
+    text = format_answer("The mouth corners lift at 1.50 s.", ["happy", "excited"], utts, labels_first=True)
+    assert text.splitlines() == ["Emotions: happy, excited", "The mouth corners lift at 1.50 s.",
+                                 "Utterance 1 (0.52-2.10 s): joyful"]
+    a = parse_answer(text)
+    assert a.well_formed and a.labels == ["happy", "excited"] and a.explanation == "The mouth corners lift at 1.50 s."
+    assert [u.labels for u in a.utterances] == [["joyful"]]
+    # an explanation before the Emotions line wins; text after it is then not the explanation
+    assert parse_answer("Because.\nEmotions: sad\nstray words").explanation == "Because."
+
+    cfg = small_cfg()
+    cfg.prompt.labels_first, cfg.prompt.label_weight = True, 4.0
+    m = build(cfg)
+    b = m.collator()([make_sample("w")])
+    assert b.targets[0].startswith("Emotions: happy, joyful\nAt 1.50 s")
+    assert cfg.prompt.instruction_labels_first in b.prompts[0] and cfg.prompt.instruction not in b.prompts[0]
+    heavy = b.loss_weights[0] == 4.0
+    ids = b.input_ids[0]
+    # heavy runs: the Emotions line, the utterance lines, the end-of-turn token; the explanation weighs 1
+    runs, start = [], None
+    for k in range(len(ids) + 1):
+        on = k < len(ids) and bool(heavy[k])
+        if on and start is None:
+            start = k
+        elif not on and start is not None:
+            runs.append(m.tokenizer.decode(ids[start:k]))
+            start = None
+    assert runs[0] == "Emotions: happy, joyful\n" and runs[1].startswith("Utterance 1") and len(runs) == 2
+    light = m.tokenizer.decode(ids[(b.loss_weights[0] == 1.0) & (b.labels[0] != IGNORE)])
+    assert light == "At 1.50 s the corners of the mouth lift briefly.\n"
 
 
 @pytest.mark.parametrize("text,labels,utts,well_formed", [

@@ -72,7 +72,7 @@ def test_embedded_preset_generates_a_parsed_answer_for_a_synth_clip(samples, rec
     answer = answers[0]
     assert answer.raw.strip() and isinstance(answer.labels, list) and isinstance(answer.explanation, str)
     assert sample["utterances"][0]["text"] in batch.prompts[0]
-    nv, na = cfg.video.clip_qformer.queries, cfg.audio.qformer.queries
+    nv, na = cfg.window_tokens, cfg.audio.qformer.queries  # per window: Q-Former queries + the summary token
     assert (batch.mm_kind == VIDEO).sum() == nv * (1 + len(batch.segments[0]))
     assert (batch.mm_kind == AUDIO).sum() == na
     base = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" not in n)
