@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  microemo demo --out demo_out\n  microemo demo --out demo_quick --quick\n"
                "  microemo demo --out d models=[full,text_only,no_face,no_audio] stage1_steps=200 videos=120")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--videos", type=int, metavar="N", help="clips in the demo corpus (default 60; --quick 8)")
+    p.add_argument("--videos", type=int, metavar="N", help="clips in the demo corpus (default 200; --quick 8)")
     p.add_argument("--seed", type=int, metavar="S", help="corpus seed (default 0)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, few steps, every clip scored")
     _add_config_args(p)

@@ -33,7 +33,7 @@ MODELS = {  # name -> (model overrides, stages)
 @dataclass
 class DemoConfig:
     out: str = "demo_out"
-    videos: int = 100
+    videos: int = 200  # 120 training clips: with 60 the face path had too few to learn from
     seed: int = 0
     preset: str = "embedded"
     models: list = field(default_factory=lambda: ["full", "text_only"])  # + no_face, no_utterance, no_audio
@@ -46,6 +46,12 @@ class DemoConfig:
     stage1_lr: float = 1e-3  # stage 1 trains freshly initialised modules only
     lr: float = 3e-4  # stage 2 (LoRA + the stage-1 modules)
     label_weight: float = 3.0  # prompt.label_weight for every model: the label lines' share of the loss
+    # prompt.transcript_dropout for the models that see video or audio (not the text-only baseline, whose
+    # only input it is): the share of training clips shown without their words
+    transcript_dropout: float = 0.3
+    # prompt.labels_first for stage 2 of every model: the Emotions line first, where stage 1 (labels
+    # target) trained the model to name the emotion, then the explanation
+    labels_first: bool = True
     split: str | None = "test"  # scored split (null: every clip)
     # a larger test split than the corpus default: the face-only clips in it are the comparison
     split_ratios: list = field(default_factory=lambda: [0.6, 0.1, 0.3])
@@ -125,7 +131,11 @@ def run_demo(cfg: DemoConfig) -> dict:
             if run.exists() and not (run / "summary.json").is_file():
                 shutil.rmtree(run)  # an interrupted earlier demo: start this run again
             if not (run / "summary.json").is_file():
-                prompt = {"label_weight": cfg.label_weight} | ({"target": cfg.stage1_target} if stage == 1 else {})
+                prompt = {"label_weight": cfg.label_weight} | ({"target": cfg.stage1_target} if stage == 1 else
+                                                                {"labels_first": cfg.labels_first})
+                sees = overrides.get("ablations", {})
+                if sees.get("video", True) or sees.get("audio", True):
+                    prompt["transcript_dropout"] = cfg.transcript_dropout
                 model = {**overrides, "prompt": prompt}
                 launch(TrainConfig(stage=stage, features=str(out / "features"), out=str(run),
                                    init=str(prev) if prev else None, preset=cfg.preset, model=model,
