@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store import FeatureStore
+from pipeline.store import FeatureStore, fixed_size_rows
 
 USABLE = ("ok", "no_face", "no_audio")
 
@@ -100,14 +100,7 @@ def _columns(table: pa.Table, ids: list[str], order: str) -> dict[str, dict[str,
     for name in table.column_names:
         col = table[name].combine_chunks()
         if pa.types.is_fixed_size_list(col.type):
-            dim = col.type.list_size
-            if col.null_count == 0:
-                cols[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-            else:  # flatten skips null slots: scatter the valid rows into zeros
-                dense = np.zeros((len(col), dim), np.float32)
-                valid = ~col.is_null().to_numpy(zero_copy_only=False)
-                dense[valid] = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-                cols[name] = dense
+            cols[name] = fixed_size_rows(col).astype(np.float32, copy=False)
         elif pa.types.is_floating(col.type) or pa.types.is_integer(col.type) or pa.types.is_boolean(col.type):
             cols[name] = col.to_numpy(zero_copy_only=False)
         elif name == "video_id":

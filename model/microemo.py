@@ -42,8 +42,9 @@ GENERATION_VERSION = 2
 
 @dataclass
 class Output:
-    loss: torch.Tensor  # mean cross-entropy over answer tokens (nats per token; weighted: prompt.label_weight)
+    # mean cross-entropy over answer tokens (nats per token; weighted: prompt.label_weight),
     # + visual.summary_loss x summary_loss
+    loss: torch.Tensor
     answer_tokens: int
     summary_loss: torch.Tensor | None = None  # the dynamics summary's word cross-entropy (clip windows)
 

@@ -109,7 +109,7 @@ def clip_frames(frame_pts: np.ndarray, cfg: VideoConfig) -> list[int]:
 
 
 def window_dynamics(dynamics: torch.Tensor, face_found: torch.Tensor, clip_frames: torch.Tensor,
-                    seg_frames: torch.Tensor) -> torch.Tensor:
+                    seg_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per video window, the max and min of each dynamics value over the window's frames with a face,
     asinh-compressed (signed, magnitudes kept in order): (B, 1 + S, 2 * Dd), slot 0 the clip, as
     ``UtteranceVideo`` orders its windows; and (B, 1 + S) bool, whether the window has a face frame

@@ -291,11 +291,18 @@ def zero_fill(table: pa.Table) -> pa.Table:
         col = table.column(i)
         if not pa.types.is_fixed_size_list(field.type) or col.null_count == 0:
             continue
-        arr = col.combine_chunks()
-        size = field.type.list_size
-        values = np.asarray(arr.values.slice(arr.offset * size, len(arr) * size).to_numpy(zero_copy_only=False))
-        values = values.reshape(len(arr), size).copy()
-        values[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
-        filled = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), field.type.value_type), size)
+        rows = fixed_size_rows(col.combine_chunks())
+        filled = pa.FixedSizeListArray.from_arrays(pa.array(rows.ravel(), field.type.value_type), field.type.list_size)
         table = table.set_column(i, field, filled)
     return table
+
+
+def fixed_size_rows(arr: pa.FixedSizeListArray) -> np.ndarray:
+    """A fixed-size list array as a (rows, size) numpy array of its value type, zeros where a row is null
+    (stores written before ``zero_fill`` hold nulls in the face columns)."""
+    size = arr.type.list_size
+    values = arr.values.slice(arr.offset * size, len(arr) * size).to_numpy(zero_copy_only=False).reshape(len(arr), size)
+    if arr.null_count:
+        values = values.copy()
+        values[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
+    return values
